@@ -1,0 +1,83 @@
+"""One noxfile for the monorepo: each package is tested as installed (non-editable).
+
+    nox -s tests          every package's tests, then the integration tests
+    nox -s lint           ruff check + format check
+    nox -s typecheck      mypy over all packages
+    nox -s demo           the main job: `abcache demo` on the shipped models
+    nox -s bench          regenerate BENCHMARKS.md and the Pareto plot
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+TORCH = "torch==2.13.0"  # the CPU build on this disk; an unpinned torch pulls a CUDA build
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
+
+# package -> (what to install, test folder); each installs only its declared dependencies.
+PACKAGES = {
+    "abcore": (["./packages/abcore"], "tests/abcore"),
+    "abcache-torch": ([TORCH, "./packages/abcore", "./packages/abcache-torch"], "tests/abcache_torch"),
+    "abcache-jax": (["./packages/abcore", "./packages/abcache-jax[flax]"], "tests/abcache_jax"),
+    "abcache-diffusers": (
+        [TORCH, "./packages/abcore", "./packages/abcache-torch", "./packages/abcache-diffusers[test]"],
+        "tests/abcache_diffusers",
+    ),
+    "integration": (
+        [
+            TORCH,
+            "./packages/abcore",
+            "./packages/abcache-torch",
+            "./packages/abcache-jax[flax]",
+            "./packages/abcache-diffusers[demo]",
+        ],
+        "tests/integration",
+    ),
+}
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    installs, folder = PACKAGES[package]
+    session.install(*installs[:1])  # torch first, pinned, so nothing pulls another build
+    session.install(*installs[1:], *TEST_TOOLS)
+    session.run("pytest", folder, *session.posargs, env=ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("mypy>=1.10", "./packages/abcore")
+    session.run("mypy", "packages/abcore/src", "packages/abcache-torch/src", "packages/abcache-jax/src",
+                "packages/abcache-diffusers/src")
+
+
+def _install_all(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install(
+        "./packages/abcore", "./packages/abcache-torch", "./packages/abcache-jax[flax]",
+        "./packages/abcache-diffusers[demo]",
+    )
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    _install_all(session)
+    session.run("abcache", "demo", *session.posargs, env=ENV)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    _install_all(session)
+    session.run("python", "-m", "abcache_diffusers.bench", *session.posargs, env=ENV)

@@ -1,0 +1,204 @@
+"""Exact Adams-Bashforth and Lagrange weights (paper, Appendix A and Eq. 3.6).
+
+Everything here is derived, not tabulated: the k-step Adams-Bashforth weights are
+integrals of Lagrange basis polynomials, computed exactly with sympy over the
+rationals, and the extrapolation weights come from the barycentric form of the
+Lagrange interpolant at any distinct nodes.
+
+Proposition 2 for every k (the paper's Remark 1 leaves k > 4 open). In
+backward-difference form the k-step Adams-Bashforth method reads
+
+    x_{n+1} - x_n = h * sum_{m=0}^{k-1} gamma_m (nabla^m f)_n,
+    gamma_m = integral_0^1 binom(s + m - 1, m) ds,
+
+because the interpolant through f_n, ..., f_{n-k+1} is Newton's backward
+polynomial p(t_n + s h) = sum_m binom(s + m - 1, m) (nabla^m f)_n. Going from k to
+k + 1 steps adds exactly one term, so
+
+    b^(k+1)_j - b^(k)_j = gamma_k (-1)^j binom(k, j),   j = 0..k,
+
+since (nabla^k f)_n = sum_j (-1)^j binom(k, j) f_{n-j}. Both schemes approximate the
+same integral to O(h^{k+1}), hence h gamma_k (nabla^k f)_n = O(h^{k+1}) and, with
+gamma_k > 0, (nabla^k f)_n = O(h^k): that is f_n = sum_{i=1}^k (-1)^{i+1} binom(k, i)
+f_{n-i} + O(h^k), Eq. 3.6 without the exponential factor, for every k.
+`verify_proposition_2` checks the identity symbolically for a given k.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from fractions import Fraction
+from math import comb
+from typing import Any
+
+import numpy as np
+import sympy
+
+from abcore._validate import as_nodes, check_order
+
+_s = sympy.Symbol("s")
+
+
+def _fraction(value: sympy.Rational) -> Fraction:
+    return Fraction(int(value.p), int(value.q))
+
+
+@functools.lru_cache(maxsize=None)
+def adams_bashforth_weights(k: int) -> tuple[Fraction, ...]:
+    """Weights b_0..b_{k-1} of the k-step Adams-Bashforth method (Appendix A, Table 4).
+
+    b_j = integral_0^1 L_j(s) ds with L_j(s) = prod_{m != j} (s + m) / (m - j), so that
+    x_{n+1} = x_n + h * sum_j b_j f_{n-j} with local error O(h^{k+1}), global O(h^k).
+
+    >>> adams_bashforth_weights(3)
+    (Fraction(23, 12), Fraction(-4, 3), Fraction(5, 12))
+    """
+    check_order(k, "k")
+    weights = []
+    for j in range(k):
+        basis = sympy.Poly(1, _s, domain=sympy.QQ)
+        for m in range(k):
+            if m != j:
+                basis *= sympy.Poly((_s + m) / (m - j), _s, domain=sympy.QQ)
+        antiderivative = basis.integrate()
+        weights.append(_fraction(antiderivative.eval(1) - antiderivative.eval(0)))
+    return tuple(weights)
+
+
+@functools.lru_cache(maxsize=None)
+def backward_difference_coefficient(k: int) -> Fraction:
+    """gamma_k = integral_0^1 binom(s + k - 1, k) ds: 1, 1/2, 5/12, 3/8, 251/720, ..."""
+    if k < 0:
+        raise ValueError(f"k must be a non-negative integer, got {k!r}")
+    poly = sympy.Poly(1, _s, domain=sympy.QQ)
+    for m in range(k):
+        poly *= sympy.Poly((_s + m) / (m + 1), _s, domain=sympy.QQ)
+    antiderivative = poly.integrate()
+    return _fraction(antiderivative.eval(1) - antiderivative.eval(0))
+
+
+def binomial_weights(k: int) -> tuple[int, ...]:
+    """(-1)^(i+1) C(k, i) for i = 1..k: the equal-step recursion of Eq. 3.6.
+
+    f_n ~ sum_{i=1}^k (-1)^(i+1) C(k, i) f_{n-i}, error O(h^k).
+    """
+    check_order(k, "k")
+    return tuple((-1) ** (i + 1) * comb(k, i) for i in range(1, k + 1))
+
+
+@dataclass(frozen=True)
+class Proposition2Report:
+    """Result of `verify_proposition_2`; truthy when every identity holds exactly."""
+
+    k: int
+    gamma: Fraction
+    differences: tuple[Fraction, ...]
+    expected: tuple[Fraction, ...]
+    recursion: tuple[Fraction, ...]
+
+    @property
+    def holds(self) -> bool:
+        return self.differences == self.expected and self.recursion == tuple(
+            Fraction(w) for w in binomial_weights(self.k)
+        )
+
+    def __bool__(self) -> bool:
+        return self.holds
+
+    def __str__(self) -> str:
+        status = "holds" if self.holds else "FAILS"
+        return (
+            f"k={self.k}: b^(k+1)_j - b^(k)_j = {self.gamma} (-1)^j C({self.k}, j) {status}; "
+            f"recursion weights {[str(r) for r in self.recursion]}"
+        )
+
+
+def verify_proposition_2(k: int) -> Proposition2Report:
+    """Check Proposition 2 (Eq. 3.6) symbolically for one k.
+
+    Verifies b^(k+1)_j - b^(k)_j = gamma_k (-1)^j C(k, j) for j = 0..k (b^(k)_k = 0), and
+    that the paper's combination of Eqs. 3.7 and 3.8,
+    f_n = -sum_{j=1}^k (b^(k+1)_j - b^(k)_j) / (b^(k+1)_0 - b^(k)_0) f_{n-j},
+    gives exactly `binomial_weights(k)`.
+    """
+    check_order(k, "k")
+    lower = adams_bashforth_weights(k) + (Fraction(0),)
+    upper = adams_bashforth_weights(k + 1)
+    gamma = backward_difference_coefficient(k)
+    differences = tuple(u - v for u, v in zip(upper, lower, strict=True))
+    expected = tuple(gamma * (-1) ** j * comb(k, j) for j in range(k + 1))
+    recursion = tuple(-d / differences[0] for d in differences[1:])
+    return Proposition2Report(k, gamma, differences, expected, recursion)
+
+
+def multistep_weights(nodes: Any, t_from: float, t_to: float) -> np.ndarray:
+    """Variable-step Adams-Bashforth weights: integral_{t_from}^{t_to} l_i(t) dt.
+
+    l_i is the Lagrange basis polynomial through the distinct `nodes`, so that
+    integral_{t_from}^{t_to} f(t) dt ~ sum_i w_i f(nodes_i), exact for polynomials of
+    degree < len(nodes). The integral is taken in closed form (the antiderivative of
+    each basis polynomial, in a shifted and scaled variable), not by quadrature. On
+    equal nodes t_n, t_n - h, ..., integrated over [t_n, t_n + h] this is
+    h * adams_bashforth_weights(k).
+    """
+    x = as_nodes(nodes, "nodes")
+    t_from = float(t_from)
+    t_to = float(t_to)
+    if not (np.isfinite(t_from) and np.isfinite(t_to)):
+        raise ValueError(f"t_from and t_to must be finite, got {t_from!r}, {t_to!r}")
+    scale = max(float(np.max(np.abs(x - t_from))), abs(t_to - t_from))
+    if scale == 0.0:
+        return np.zeros_like(x)
+    u = (x - t_from) / scale
+    upper = (t_to - t_from) / scale
+    weights = np.empty_like(x)
+    for i in range(x.size):
+        others = np.delete(u, i)
+        basis = np.polynomial.Polynomial.fromroots(others) / np.prod(u[i] - others)
+        antiderivative = basis.integ()
+        weights[i] = antiderivative(upper) - antiderivative(0.0)
+    return weights * scale
+
+
+def barycentric_weights(nodes: Any, valid: Any, target: Any, xp: Any = np) -> Any:
+    """Lagrange extrapolation weights in the second barycentric form, for any array namespace.
+
+    w_i = (c_i / (target - x_i)) / sum_j (c_j / (target - x_j)), c_i = 1 / prod_{j != i} (x_i - x_j),
+    over the entries where `valid` is true (others get weight 0). sum_i w_i f(x_i) is the
+    value at `target` of the polynomial of degree < m through the m valid points, so the
+    weights sum to 1 and reproduce polynomials of degree < m. A target equal to a node
+    gives that node's unit vector. Pure array arithmetic: runs under `jax.jit` with
+    `xp=jax.numpy`; validation is the caller's job (see `extrapolation_weights`).
+    """
+    x = xp.asarray(nodes)
+    valid = xp.asarray(valid, dtype=bool)
+    pair_valid = valid[:, None] & valid[None, :]
+    eye = xp.eye(x.shape[0], dtype=bool)
+    diffs = xp.where(pair_valid & ~eye, x[:, None] - x[None, :], xp.ones_like(x[:, None] - x[None, :]))
+    # Scale-free products: normalise differences by the node spread to avoid overflow.
+    spread = xp.max(xp.where(pair_valid, xp.abs(diffs), xp.zeros_like(diffs)))
+    spread = xp.where(spread > 0, spread, xp.ones_like(spread))
+    diffs = xp.where(pair_valid & ~eye, diffs / spread, diffs)
+    c = 1.0 / xp.prod(diffs, axis=1)
+    d = target - x
+    exact = (d == 0) & valid
+    d_safe = xp.where(exact | ~valid, xp.ones_like(d), d / spread)
+    terms = xp.where(valid, c / d_safe, xp.zeros_like(d))
+    total = xp.sum(terms)
+    weights = terms / xp.where(total == 0, xp.ones_like(total), total)
+    return xp.where(xp.any(exact), exact.astype(x.dtype), weights)
+
+
+def extrapolation_weights(nodes: Any, target: float) -> np.ndarray:
+    """Weights w with sum_i w_i f(nodes_i) = p(target), p the interpolant through the nodes.
+
+    With k nodes the prediction error is O(h^k) for smooth f (h the node spacing);
+    float64, second barycentric form. With nodes target-1, ..., target-k this returns
+    `binomial_weights(k)` (Eq. 3.6 without its exponential factor).
+    """
+    x = as_nodes(nodes, "nodes")
+    target = float(target)
+    if not np.isfinite(target):
+        raise ValueError(f"target must be finite, got {target!r}")
+    return np.asarray(barycentric_weights(x, np.ones(x.shape, dtype=bool), target))
