@@ -1,10 +1,10 @@
 """One noxfile for the monorepo: each package is tested as installed (non-editable).
 
-    nox -s tests          every package's tests, then the integration tests
-    nox -s lint           ruff check + format check
-    nox -s typecheck      mypy over all packages
-    nox -s demo           the main job: `abcache demo` on the shipped models
-    nox -s bench          regenerate BENCHMARKS.md and the Pareto plot
+nox -s tests          every package's tests, then the integration tests
+nox -s lint           ruff check + format check
+nox -s typecheck      mypy over all packages
+nox -s demo           the main job: `abcache demo` on the shipped models
+nox -s bench          regenerate BENCHMARKS.md and the Pareto plot
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("mypy>=1.10", "./packages/abcore")
-    session.run("mypy", "packages/abcore/src", "packages/abcache-torch/src", "packages/abcache-jax/src",
-                "packages/abcache-diffusers/src")
+    session.run("mypy", "-p", "abcore", "-p", "abcache_torch", "-p", "abcache_jax", "-p", "abcache_diffusers")
 
 
 def _install_all(session: nox.Session) -> None:
     session.install(TORCH)
     session.install(
-        "./packages/abcore", "./packages/abcache-torch", "./packages/abcache-jax[flax]",
+        "./packages/abcore",
+        "./packages/abcache-torch",
+        "./packages/abcache-jax[flax]",
         "./packages/abcache-diffusers[demo]",
     )
 

@@ -3,7 +3,7 @@
 Pure numpy + sympy; never imports torch or jax. Adapters execute the plans built here.
 """
 
-from abcore._config import WEIGHTINGS, ABConfig
+from abcore._config import SPACINGS, WEIGHTINGS, ABConfig
 from abcore._plan import (
     CachePlan,
     PlannerState,
@@ -28,6 +28,7 @@ from abcore._weights import (
 )
 
 __all__ = [
+    "SPACINGS",
     "WEIGHTINGS",
     "ABConfig",
     "CachePlan",

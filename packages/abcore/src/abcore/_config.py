@@ -10,6 +10,8 @@ from abcore._validate import check_count, check_order
 
 Weighting = Literal["plain", "exp-eps", "exp-x0"]
 WEIGHTINGS: tuple[str, ...] = ("plain", "exp-eps", "exp-x0")
+Spacing = Literal["time", "index", "binomial"]
+SPACINGS: tuple[str, ...] = ("time", "index", "binomial")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,12 @@ class ABConfig:
         weighting: what is extrapolated. "plain" (default): the model output itself.
             "exp-eps": e^{-lambda} eps on the lambda abscissa, the paper's Eq. 3.6;
             "exp-x0": e^{lambda} x0 likewise. The exponential forms need times = lambda.
+        spacing: the nodes of the extrapolation. "time" (default): the real step times
+            of the computed outputs. "index": their step indices (what step-index caches
+            such as TaylorSeer do). "binomial": the paper's equal-step Eq. 3.6 applied to
+            the last computed outputs as if they were consecutive (weights
+            (-1)^(i+1) C(k, i) at every predicted step). The last two exist for
+            comparison and need the fixed schedule.
     """
 
     order: int = 2
@@ -52,6 +60,7 @@ class ABConfig:
     tolerance: float | None = None
     max_predicted: int | None = None
     weighting: Weighting = "plain"
+    spacing: Spacing = "time"
 
     def __post_init__(self) -> None:
         check_order(self.order, "order")
@@ -76,6 +85,10 @@ class ABConfig:
             check_count(self.max_predicted, "max_predicted")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if self.spacing != "time" and self.tolerance is not None:
+            raise ValueError(f"spacing={self.spacing!r} needs the fixed schedule (tolerance=None)")
 
     @property
     def adaptive(self) -> bool:

@@ -116,13 +116,23 @@ def plan_step(config: ABConfig, state: PlannerState, time: float, num_steps: int
     if compute:
         return StepDecision(state.step, time, True, zeros, zeros.copy(), state.history_steps)
     m = len(state.history_times)
+    nodes, target = _nodes(config, state, time)
     padded = np.zeros(order)
-    padded[:m] = state.history_times
+    padded[:m] = nodes
     valid = np.arange(order) < m
     if m < order:
         padded[m:] = padded[m - 1]  # harmless filler, masked out
-    w, e = history_weights(padded, valid, time, order, config.weighting)
+    w, e = history_weights(padded, valid, target, order, config.weighting)
     return StepDecision(state.step, time, False, np.asarray(w), np.asarray(e), state.history_steps)
+
+
+def _nodes(config: ABConfig, state: PlannerState, time: float) -> tuple[tuple[float, ...], float]:
+    """Extrapolation nodes (newest first) and target for `config.spacing`."""
+    if config.spacing == "index":
+        return tuple(float(s) for s in state.history_steps), float(state.step)
+    if config.spacing == "binomial":
+        return tuple(-float(i) for i in range(1, len(state.history_steps) + 1)), 0.0
+    return state.history_times, time
 
 
 def record(config: ABConfig, state: PlannerState, decision: StepDecision, computed: bool) -> PlannerState:

@@ -53,7 +53,7 @@ def sample(
         out = None
         if not decision.compute:
             out = sum(w * h for w, h in zip(decision.weights, history))
-            if config.adaptive:
+            if config.tolerance is not None:
                 delta = sum(e * h for e, h in zip(decision.error_weights, history))
                 if not accept_prediction(np.sum(delta**2), np.sum(out**2), config.tolerance):
                     out = None

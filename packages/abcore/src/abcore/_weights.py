@@ -44,7 +44,7 @@ def _fraction(value: sympy.Rational) -> Fraction:
     return Fraction(int(value.p), int(value.q))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adams_bashforth_weights(k: int) -> tuple[Fraction, ...]:
     """Weights b_0..b_{k-1} of the k-step Adams-Bashforth method (Appendix A, Table 4).
 
@@ -66,7 +66,7 @@ def adams_bashforth_weights(k: int) -> tuple[Fraction, ...]:
     return tuple(weights)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backward_difference_coefficient(k: int) -> Fraction:
     """gamma_k = integral_0^1 binom(s + k - 1, k) ds: 1, 1/2, 5/12, 3/8, 251/720, ..."""
     if k < 0:
