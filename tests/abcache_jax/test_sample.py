@@ -1,0 +1,239 @@
+"""abcache_jax.sample: parity with abcore.sample, model-call counts, compiled cost, bad input."""
+
+import abcache_jax as aj
+import abcore
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+N = 20
+SIGMAS = np.linspace(1.0, 0.0, N + 1)  # flow matching: the abscissa is sigma
+_ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+LAMBDAS = abcore.lambda_from_alphas_cumprod(_ABAR[np.linspace(999, 0, N + 1).astype(int)])  # eps: lambda
+SAMPLERS = {"flow": (SIGMAS, aj.flow_euler_step), "eps": (LAMBDAS, aj.ddim_eps_step)}
+
+
+def _reference(apply, params, x0, times, step_fn, config):
+    """abcore's numpy executor on the same model and step function."""
+
+    def model(x, t):
+        return np.asarray(apply(params, jnp.asarray(x), t))
+
+    def step(x, out, t, t_next):
+        return np.asarray(step_fn(jnp.asarray(x), jnp.asarray(out), t, t_next))
+
+    return abcore.sample(model, x0, times, step, config)
+
+
+def _assert_parity(make_denoiser, sampler, config, rtol=1e-10):
+    times, step_fn = SAMPLERS[sampler]
+    apply, params = make_denoiser(4, jnp.float64)
+    x0 = np.random.default_rng(1).normal(size=(3, 4))
+    ref = _reference(apply, params, x0, times, step_fn, config)
+    got = aj.sample(apply, params, jnp.asarray(x0), times, step_fn, config, keep_outputs=True)
+    np.testing.assert_array_equal(np.asarray(got.computed), ref.computed)
+    assert got.x.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got.x), ref.x, rtol=rtol, atol=0)
+    np.testing.assert_allclose(np.asarray(got.outputs), np.stack(ref.outputs), rtol=rtol, atol=1e-14)
+    return ref, got
+
+
+FIXED = [
+    ("flow", abcore.ABConfig(order=2, interval=3, warmup=2)),
+    ("flow", abcore.ABConfig(order=3, interval=4, warmup=3, cooldown=2)),
+    ("flow", abcore.ABConfig(order=1, interval=2, warmup=1)),
+    ("flow", abcore.ABConfig(order=2, compute_mask=(True, True, False, True, False, False, True) + (False,) * 13)),
+    ("eps", abcore.ABConfig(order=2, interval=3, warmup=2)),
+    ("eps", abcore.ABConfig(order=3, interval=3, warmup=3, weighting="exp-eps")),
+]
+
+
+@pytest.mark.parametrize(("sampler", "config"), FIXED)
+def test_fixed_parity_with_numpy_reference(x64, denoiser, sampler, config):
+    ref, _ = _assert_parity(denoiser, sampler, config)
+    np.testing.assert_array_equal(ref.computed, abcore.make_plan(config, SAMPLERS[sampler][0][:-1]).compute)
+
+
+ADAPTIVE = [
+    ("flow", abcore.ABConfig(order=3, interval=4, warmup=3, tolerance=0.01)),
+    ("flow", abcore.ABConfig(order=2, interval=4, warmup=2, tolerance=0.1)),
+    ("eps", abcore.ABConfig(order=2, interval=4, warmup=2, tolerance=0.03)),
+    ("eps", abcore.ABConfig(order=3, interval=4, warmup=3, tolerance=0.1, weighting="exp-eps")),
+]
+
+
+@pytest.mark.parametrize(("sampler", "config"), ADAPTIVE)
+def test_adaptive_parity_with_numpy_reference(x64, denoiser, sampler, config):
+    ref, _ = _assert_parity(denoiser, sampler, config)
+    forced = np.array([config.forced_compute(i, N) for i in range(N)])
+    assert not ref.computed.all(), "some candidate steps must be predicted"
+    assert (ref.computed & ~forced).any(), "some candidate steps must be rejected by the error test"
+
+
+def test_cache_plan_input_matches_config_input(x64, denoiser):
+    config = abcore.ABConfig(order=2, interval=3, warmup=2)
+    plan = abcore.make_plan(config, SIGMAS[:-1])
+    apply, params = denoiser(4, jnp.float64)
+    x0 = jnp.ones((2, 4))
+    a = aj.sample(apply, params, x0, SIGMAS, aj.flow_euler_step, plan)
+    b = aj.sample(apply, params, x0, SIGMAS, aj.flow_euler_step, config)
+    np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
+    np.testing.assert_array_equal(np.asarray(a.computed), plan.compute)
+
+
+def test_nonfinite_prediction_falls_back_like_the_reference(x64):
+    """An output of 1.7e308 makes the next extrapolation overflow: both executors call the model instead."""
+    config = abcore.ABConfig(order=2, interval=3, warmup=2)
+    t_bad = SIGMAS[4]  # a computed step of the plan
+
+    def apply(params, x, t):
+        return jnp.where(jnp.abs(t - t_bad) < 1e-12, 1.7e308, jnp.sin(x * params + t))
+
+    def step(x, out, t, t_next):
+        return x + (t_next - t) * jnp.tanh(out)
+
+    x0 = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    with np.errstate(over="ignore"):
+        ref = _reference(apply, 1.3, x0, SIGMAS, step, config)
+    got = aj.sample(apply, 1.3, jnp.asarray(x0), SIGMAS, step, config)
+    plan = abcore.make_plan(config, SIGMAS[:-1])
+    assert (ref.computed & ~plan.compute).any(), "the overflow must force extra model calls"
+    np.testing.assert_array_equal(np.asarray(got.computed), ref.computed)
+    np.testing.assert_allclose(np.asarray(got.x), ref.x, rtol=1e-10, atol=0)
+
+
+def _counting_model():
+    calls = {"run": 0, "trace": 0}
+
+    def tick():
+        calls["run"] += 1
+
+    def apply(params, x, t):
+        calls["trace"] += 1
+        jax.debug.callback(tick)
+        return jnp.tanh(x @ params + t)
+
+    return apply, calls
+
+
+@pytest.mark.parametrize(
+    "config",
+    [abcore.ABConfig(order=2, interval=3, warmup=2), abcore.ABConfig(order=2, interval=4, warmup=2, tolerance=0.05)],
+    ids=["fixed", "adaptive"],
+)
+def test_model_runs_only_at_computed_steps_and_compiles_once(config):
+    apply, calls = _counting_model()
+    params = jnp.eye(4) * 0.5
+    x0 = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    first = aj.sample(apply, params, x0, SIGMAS, aj.flow_euler_step, config)
+    jax.effects_barrier()
+    computed = np.asarray(first.computed)
+    assert calls["run"] == computed.sum() < N
+    if not config.adaptive:
+        assert computed.sum() == config.num_computed(N) == 8
+    traces = calls["trace"]
+    second = aj.sample(apply, params * 0.9, x0 + 0.1, SIGMAS, aj.flow_euler_step, config)
+    jax.effects_barrier()
+    assert calls["trace"] == traces, "new data on the same plan must not retrace"
+    assert calls["run"] == computed.sum() + np.asarray(second.computed).sum()
+
+
+def test_compiled_flops_grow_with_computed_steps_not_steps():
+    """With unroll=True (and no fallback guard) the program holds exactly one model call per computed step."""
+    width = 64
+    params = jnp.full((width, width), 1.0 / width)
+    x0 = jnp.ones((8, width))
+
+    def apply(params, x, t):
+        return jnp.tanh(x @ params + t)
+
+    def cost(compiled) -> float:
+        return float(dict(compiled.cost_analysis() or {})["flops"])
+
+    model_flops = cost(jax.jit(apply).lower(params, x0, 0.0).compile())
+
+    def flops(n, m):
+        mask = tuple(bool(np.isin(i, np.arange(m) * n // m)) for i in range(n))  # m computed of n
+        config = abcore.ABConfig(order=2, compute_mask=mask)
+        assert sum(mask) == m
+        times = np.linspace(1.0, 0.0, n + 1)
+        run = jax.jit(
+            lambda p, x: aj.sample(apply, p, x, times, aj.flow_euler_step, config, unroll=True, fallback=False).x
+        )
+        return cost(run.lower(params, x0).compile())
+
+    # flops = a * computed + b * steps: solve from three programs.
+    f_12_4, f_24_4, f_24_8 = flops(12, 4), flops(24, 4), flops(24, 8)
+    per_computed = (f_24_8 - f_24_4) / 4
+    per_step = (f_24_4 - f_12_4) / 12
+    assert abs(per_computed - model_flops) < 0.1 * model_flops
+    assert per_step < 0.1 * model_flops
+    assert f_12_4 < 4 * model_flops + 12 * 0.1 * model_flops
+
+
+def test_pytree_outputs(x64):
+    """A dict output is cached leaf by leaf: same trajectory as the equivalent single-array model."""
+    config = abcore.ABConfig(order=3, interval=3, warmup=3)
+
+    def tree_model(params, x, t):
+        v = jnp.sin(x * params) + t
+        return {"v": v, "twice": (2.0 * v).astype(jnp.float32)}
+
+    def tree_step(x, out, t, t_next):
+        return x + (t_next - t) * 0.5 * (out["v"] + 0.5 * out["twice"].astype(x.dtype))
+
+    x0 = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+    got = aj.sample(tree_model, 1.5, x0, SIGMAS, tree_step, config)
+    ref = aj.sample(lambda p, x, t: tree_model(p, x, t)["v"], 1.5, x0, SIGMAS, aj.flow_euler_step, config)
+    np.testing.assert_allclose(np.asarray(got.x), np.asarray(ref.x), rtol=1e-6)
+    assert got.state.outputs["v"].shape == (3, 2, 4)
+    assert got.state.outputs["twice"].dtype == jnp.float32
+
+
+def test_bf16_model_outputs(denoiser):
+    """bf16 in, bf16 out; predicted outputs are the float32-accumulated extrapolation cast to bf16."""
+    config = abcore.ABConfig(order=3, interval=3, warmup=3)
+    apply, params32 = denoiser(8, jnp.float32)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (4, 8), jnp.bfloat16)
+    got = aj.sample(apply, params, x0, SIGMAS, aj.flow_euler_step, config, keep_outputs=True)
+    assert got.x.dtype == jnp.bfloat16 and got.outputs.dtype == jnp.bfloat16
+    assert got.state.outputs.dtype == jnp.bfloat16
+    plan = abcore.make_plan(config, SIGMAS[:-1])
+    outs = np.asarray(got.outputs.astype(jnp.float32), dtype=np.float64)
+    history: list = []
+    for i in range(N):
+        if plan.compute[i]:
+            history = [outs[i], *history][: config.order]
+            continue
+        expected = sum(w * h for w, h in zip(plan.weights[i], history))
+        ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
+        assert np.all(np.abs(outs[i] - expected) <= ulp), f"step {i}"
+    ref = aj.sample(apply, params32, x0.astype(jnp.float32), SIGMAS, aj.flow_euler_step, config)
+    np.testing.assert_allclose(np.asarray(got.x, np.float32), np.asarray(ref.x), atol=0.1)
+
+
+def _apply(params, x, t):
+    return jnp.tanh(x * params + t)
+
+
+def test_bad_input_raises_naming_the_parameter():
+    x0 = jnp.ones((2, 3))
+    config = abcore.ABConfig()
+    with pytest.raises(ValueError, match="order"):
+        abcore.ABConfig(order=0)
+    with pytest.raises(ValueError, match="times"):
+        aj.sample(_apply, 1.0, x0, np.ones((3, 2)), aj.flow_euler_step, config)
+    with pytest.raises(ValueError, match="times"):
+        aj.sample(_apply, 1.0, x0, [1.0, 0.5, 0.7], aj.flow_euler_step, config)
+    with pytest.raises(ValueError, match="times"):
+        jax.jit(lambda t: aj.sample(_apply, 1.0, x0, t, aj.flow_euler_step, config).x)(jnp.linspace(1, 0, 5))
+    with pytest.raises(ValueError, match="model_fn"):
+        aj.sample(lambda p, x, t: x[:, :2], 1.0, x0, SIGMAS, aj.flow_euler_step, config)
+    with pytest.raises(ValueError, match="step_fn"):
+        aj.sample(_apply, 1.0, x0, SIGMAS, lambda x, o, t, tn: (x + o).astype(jnp.bfloat16), config)
+    with pytest.raises(ValueError, match="config_or_plan"):
+        aj.sample(_apply, 1.0, x0, SIGMAS, aj.flow_euler_step, abcore.make_plan(config, SIGMAS[:-2]))
+    with pytest.raises(TypeError, match="config_or_plan"):
+        aj.sample(_apply, 1.0, x0, SIGMAS, aj.flow_euler_step, {"order": 2})  # type: ignore[arg-type]

@@ -1,0 +1,290 @@
+"""CacheState / ABCache numerics: call counts, parity with abcore's reference, memory, pytrees, dtypes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from collections import OrderedDict, namedtuple
+
+import abcore
+import numpy as np
+import pytest
+import torch
+from abcache_torch import ABCache, CacheState, extrapolate, sample_flow_euler
+
+
+def flux_sigmas(n: int, shift: float = 3.0) -> np.ndarray:
+    s = np.linspace(1.0, 0.0, n + 1)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def grid(kind: str, n: int) -> np.ndarray:
+    """n + 1 sampler times; the model is called at the first n."""
+    if kind == "equal":
+        return np.linspace(1.0, 0.0, n + 1)
+    if kind == "shifted":
+        return flux_sigmas(n)
+    if kind == "increasing":
+        return np.linspace(-3.0, 2.0, n + 1)
+    steps = np.random.default_rng(7).uniform(0.5, 1.5, n)
+    return 1.0 - np.concatenate([[0.0], np.cumsum(steps)]) / steps.sum()
+
+
+class Counting:
+    """A model recording the times it was called at."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.times: list[float] = []
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tf = float(t.reshape(-1)[0])
+        self.times.append(tf)
+        return (torch.sin(3.0 * x) * tf + math.cos(2.0 * tf)).to(self.dtype)
+
+
+def run_loop(cache, model_times, x0):
+    x = x0
+    for i in range(len(model_times) - 1):
+        v = cache(x, torch.full((x.shape[0],), model_times[i], dtype=torch.float64))
+        x = x + (model_times[i + 1] - model_times[i]) * v
+    return x
+
+
+CONFIGS = [
+    abcore.ABConfig(order=1, interval=2, warmup=1),
+    abcore.ABConfig(order=2, interval=3, warmup=2),
+    abcore.ABConfig(order=2, interval=4, warmup=0),
+    abcore.ABConfig(order=3, interval=3, warmup=3, cooldown=2),
+    abcore.ABConfig(order=4, interval=2, warmup=5, cooldown=1),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"k{c.order}i{c.interval}w{c.warmup}c{c.cooldown}")
+@pytest.mark.parametrize("kind", ["equal", "shifted", "random", "increasing"])
+@pytest.mark.parametrize("announce", ["times", "num_steps", "none"])
+def test_model_runs_exactly_at_plan_compute_steps(config, kind, announce):
+    n = 17
+    t = grid(kind, n)
+    plan = abcore.make_plan(config, t[:-1])
+    model = Counting()
+    if announce == "none" and config.cooldown:
+        plan = abcore.make_plan(dataclasses.replace(config, cooldown=0), t[:-1])  # cool-down needs the length
+    kwargs = {"times": t[:-1]} if announce == "times" else {"num_steps": n} if announce == "num_steps" else {}
+    cache = ABCache(model, config, **kwargs)
+    run_loop(cache, t, torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(2, 2))
+    expected = t[:-1][plan.compute].tolist()
+    assert model.times == expected
+    assert cache.stats.computed == plan.num_computed
+    assert cache.stats.predicted == n - plan.num_computed
+    assert plan.num_predicted > 0
+
+
+def test_compute_mask_is_followed():
+    mask = (True, True, False, True, False, False, True, False)
+    t = grid("equal", len(mask))
+    model = Counting()
+    cache = ABCache(model, abcore.ABConfig(order=2, compute_mask=mask), times=t[:-1])
+    run_loop(cache, t, torch.ones(1, 3, dtype=torch.float64))
+    assert model.times == t[:-1][np.array(mask)].tolist()
+
+
+def reference_model_np(x: np.ndarray, t: float) -> np.ndarray:
+    return np.sin(3.0 * x) * t + np.cos(2.0 * t)
+
+
+def euler_np(x, out, t0, t1):
+    return x + (t1 - t0) * out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        abcore.ABConfig(order=2, interval=3, warmup=2),
+        abcore.ABConfig(order=3, interval=4, warmup=3, cooldown=1),
+        abcore.ABConfig(order=3, interval=3, warmup=1, tolerance=2e-2),
+    ],
+    ids=["k2", "k3-cooldown", "adaptive"],
+)
+@pytest.mark.parametrize("path", ["wrapper-stepwise", "wrapper-times", "sampler"])
+def test_parity_with_abcore_reference_float64(config, path):
+    n = 24
+    t = grid("shifted", n)
+    x0 = np.linspace(-1.5, 1.5, 6).reshape(2, 3)
+    ref = abcore.sample(reference_model_np, x0, t, euler_np, config)
+    model = Counting()
+    xt = torch.tensor(x0)
+    if path == "sampler":
+        state = CacheState(config)
+        out = sample_flow_euler(model, xt, torch.tensor(t), cache=state, disable=True)
+    else:
+        grid_kw = {"times": t[:-1]} if path == "wrapper-times" else {"num_steps": n}  # num_steps: cool-down
+        cache = ABCache(model, config, check_finite=True, **grid_kw)
+        state = cache.state
+        out = run_loop(cache, t, xt)
+    np.testing.assert_allclose(out.numpy(), ref.x, rtol=1e-10, atol=1e-12)
+    assert model.times == t[:-1][ref.computed].tolist()
+    assert state.stats.computed == int(ref.computed.sum())
+    assert 0 < state.stats.predicted < n
+    if config.adaptive:
+        assert state.stats.max_error is not None and state.stats.max_error > 0
+
+
+def test_interval_one_is_identical_to_unwrapped():
+    t = grid("random", 12)
+    model = Counting(torch.float32)
+    x0 = torch.linspace(-1, 1, 8, dtype=torch.float32).reshape(2, 4)
+    plain = run_loop(model, t, x0)
+    for order in (1, 2, 3):
+        cached = run_loop(ABCache(Counting(torch.float32), abcore.ABConfig(order=order, interval=1)), t, x0)
+        assert torch.equal(cached, plain)
+
+
+def test_history_holds_at_most_order_outputs():
+    order = 3
+    t = grid("equal", 15)
+    alive: list[weakref.ref] = []
+
+    def model(x, t):
+        out = x * float(t) + 1.0
+        alive.append(weakref.ref(out))
+        return out
+
+    state = CacheState(abcore.ABConfig(order=order, interval=2, warmup=3))
+    x = torch.ones(4, 4)
+    results = []
+    for i in range(15):
+        for ctx in ("cond", "uncond"):
+            results.append(state.step(float(t[i]), lambda: model(x, t[i]), context=ctx))  # noqa: B023
+            assert state.history_length(ctx) <= order
+        results.clear()  # the caller keeps nothing (no cycles: refcounting frees the rest)
+        held = sum(r() is not None for r in alive)
+        assert held <= 2 * order  # two contexts, each at most `order` stored outputs
+    assert state.history_length("cond") == order
+    assert sum(r() is not None for r in alive) == 2 * order
+
+
+Pair = namedtuple("Pair", ["a", "b"])
+
+
+@dataclasses.dataclass
+class Output:
+    sample: torch.Tensor
+    extra: tuple
+    note: str = "x"
+
+
+class FakeModelOutput(OrderedDict):
+    """Like diffusers' BaseOutput: an OrderedDict subclass dataclass."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                self[f.name] = value
+
+
+@dataclasses.dataclass
+class Transformer2DModelOutput(FakeModelOutput):
+    sample: torch.Tensor = None
+    aux: torch.Tensor | None = None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a, b: a,
+        lambda a, b: (a, b),
+        lambda a, b: [a, {"b": b, "none": None}],
+        lambda a, b: {"x": a, "y": (b, 3)},
+        lambda a, b: Pair(a, b),
+        lambda a, b: Output(a, (b,), "hello"),
+        lambda a, b: Transformer2DModelOutput(sample=a),
+        lambda a, b: Transformer2DModelOutput(sample=a, aux=b),
+    ],
+    ids=["tensor", "tuple", "list-dict", "dict", "namedtuple", "dataclass", "model-output", "model-output-2"],
+)
+def test_pytree_outputs_extrapolate_every_leaf(make):
+    config = abcore.ABConfig(order=2, interval=3, warmup=2)
+    t = [1.0, 0.8, 0.5, 0.3]
+    x = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+
+    def leaves_at(tv):
+        return x * tv**2 + 1.0, torch.full((3,), 2.0 * tv, dtype=torch.float64)
+
+    state = CacheState(config)
+    outs = [state.step(tv, lambda tv=tv: make(*leaves_at(tv))) for tv in t]
+    assert state.stats.computed == 2
+    pred = outs[2]
+    assert type(pred) is type(make(*leaves_at(0.5)))
+    # linear extrapolation through t = 1.0, 0.8 at 0.5: weights (w0 for 0.8, w1 for 1.0)
+    w = abcore.extrapolation_weights([0.8, 1.0], 0.5)
+    expected = make(*(w[0] * p + w[1] * q for p, q in zip(leaves_at(0.8), leaves_at(1.0))))
+    from abcache_torch import flatten
+
+    got_leaves, got_def = flatten(pred)
+    exp_leaves, exp_def = flatten(expected)
+    assert got_def.spec == exp_def.spec
+    assert len(got_leaves) == len(exp_leaves) >= 1
+    for g, e in zip(got_leaves, exp_leaves):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
+    if isinstance(pred, Transformer2DModelOutput):
+        assert pred["sample"] is pred.sample  # rebuilt through __init__: the dict view is in sync
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_outputs_accumulate_in_float32(dtype):
+    state = CacheState(abcore.ABConfig(order=3, interval=4, warmup=3))
+    base = torch.linspace(0.1, 3.0, 64)
+    times = [1.0, 0.9, 0.75, 0.6]
+    hist = []
+    outs = []
+    for tv in times:
+        value = (base * (1 + tv) + tv**2).to(dtype)
+        hist.insert(0, value)
+        outs.append(state.step(tv, lambda value=value: value))
+    pred = outs[-1]
+    assert pred.dtype == dtype
+    w = abcore.extrapolation_weights(times[2::-1], times[3])
+    exact32 = sum(float(wj) * h.float() for wj, h in zip(w, hist[1:]))
+    assert torch.equal(pred, exact32.to(dtype))
+
+
+def test_float64_accumulates_in_float64():
+    state = CacheState(abcore.ABConfig(order=2, interval=3, warmup=2))
+    a = torch.tensor([1.0 + 1e-12], dtype=torch.float64)
+    outs = [state.step(tv, lambda tv=tv: a * tv) for tv in (1.0, 0.5, 0.25)]
+    assert outs[-1].dtype == torch.float64
+    torch.testing.assert_close(outs[-1], a * 0.25, rtol=1e-15, atol=0)
+
+
+def test_device_preserved_and_no_host_read_with_announced_times():
+    """On the meta device any read of tensor data raises: the whole fixed-plan loop never reads one."""
+    n = 12
+    t = grid("shifted", n)
+    calls = []
+
+    def model(x, sigma):
+        calls.append(1)
+        return x * sigma[:, None] + 1.0
+
+    cache = ABCache(model, abcore.ABConfig(order=3, interval=3, warmup=3), times=t[:-1])
+    x = torch.empty(2, 5, device="meta")
+    sig = torch.tensor(t, device="meta")
+    for i in range(n):
+        v = cache(x, sig[i] * torch.ones(2, device="meta"))
+        assert v.device.type == "meta" and v.shape == x.shape and v.dtype == x.dtype
+        x = x + (t[i + 1] - t[i]) * v
+    assert len(calls) == cache.stats.computed < n
+    # the same loop reading the time (no announced grid) must touch the data: the test can fail
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        ABCache(model, abcore.ABConfig())(x, sig[0] * torch.ones(2, device="meta"))
+
+
+def test_extrapolate_matches_weights_and_rejects_empty_history():
+    h = [[torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 5.0])]]
+    out = extrapolate(h, torch.tensor([2.0, -1.0]))
+    assert torch.equal(out[0], torch.tensor([-1.0, -1.0]))
+    with pytest.raises(ValueError, match="history"):
+        extrapolate([], [1.0])
