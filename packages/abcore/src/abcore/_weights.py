@@ -155,7 +155,9 @@ def multistep_weights(nodes: Any, t_from: float, t_to: float) -> np.ndarray:
     weights = np.empty_like(x)
     for i in range(x.size):
         others = np.delete(u, i)
-        basis = np.polynomial.Polynomial.fromroots(others) / np.prod(u[i] - others)
+        # fromroots([]) raises; the single-node basis is the constant 1.
+        roots = np.polynomial.Polynomial.fromroots(others) if others.size else np.polynomial.Polynomial([1.0])
+        basis = roots / np.prod(u[i] - others)
         antiderivative = basis.integ()
         weights[i] = antiderivative(upper) - antiderivative(0.0)
     return weights * scale

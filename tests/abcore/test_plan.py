@@ -1,0 +1,188 @@
+"""Cache plans: schedule, sources, weights at the real times, step-by-step fold, execution, weighting."""
+
+from __future__ import annotations
+
+from math import comb
+
+import abcore
+import numpy as np
+import pytest
+from abcore import _convergence
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def shifted_times(n: int, shift: float = 3.0) -> np.ndarray:
+    s = np.linspace(1.0, 1.0 / n, n)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+configs = st.builds(
+    abcore.ABConfig,
+    order=st.integers(1, 4),
+    interval=st.integers(1, 5),
+    warmup=st.integers(0, 6),
+    cooldown=st.integers(0, 4),
+)
+
+
+def test_paper_default_schedule_on_50_steps() -> None:
+    config = abcore.ABConfig(order=2, interval=3, warmup=2)
+    plan = abcore.make_plan(config, shifted_times(50))
+    expected = [0, 1, *range(4, 50, 3)]
+    assert expected[-1] == 49
+    assert np.flatnonzero(plan.compute).tolist() == expected
+    assert plan.num_computed == 18 == config.num_computed(50)
+    assert plan.num_predicted == 32
+
+
+@SETTINGS
+@given(config=configs, n=st.integers(1, 60))
+def test_schedule_invariants(config: abcore.ABConfig, n: int) -> None:
+    plan = abcore.make_plan(config, shifted_times(n))
+    first = max(config.warmup, 1)
+    assert plan.compute[:first].all()
+    assert plan.compute[max(n - config.cooldown, 0) :].all()
+    assert plan.num_computed == config.num_computed(n)
+    # After the warm-up, outside the cool-down: one computed step every `interval` steps.
+    middle = np.arange(first, max(n - config.cooldown, first))
+    scheduled = (middle - (first - 1)) % config.interval == 0
+    np.testing.assert_array_equal(plan.compute[middle], scheduled)
+    # Same inputs, same plan.
+    again = abcore.make_plan(config, shifted_times(n))
+    np.testing.assert_array_equal(plan.compute, again.compute)
+    np.testing.assert_array_equal(plan.weights, again.weights)
+    np.testing.assert_array_equal(plan.sources, again.sources)
+
+
+@SETTINGS
+@given(config=configs, n=st.integers(1, 60), increasing=st.booleans())
+def test_predictions_use_the_last_computed_outputs_at_their_real_times(
+    config: abcore.ABConfig, n: int, increasing: bool
+) -> None:
+    times = shifted_times(n)
+    times = -times if increasing else times
+    plan = abcore.make_plan(config, times)
+    for i in range(n):
+        computed_before = np.flatnonzero(plan.compute[:i])[::-1][: config.order]
+        sources = plan.sources[i][plan.sources[i] >= 0]
+        np.testing.assert_array_equal(sources, computed_before)
+        if plan.compute[i]:
+            assert np.all(plan.weights[i] == 0.0)
+        else:
+            assert plan.compute[sources].all()
+            m = sources.size  # fewer than `order` early on: the order is capped at m
+            expected = abcore.extrapolation_weights(times[sources], times[i])
+            np.testing.assert_allclose(plan.weights[i, :m], expected, rtol=1e-12, atol=1e-12)
+            assert np.all(plan.weights[i, m:] == 0.0)
+
+
+@SETTINGS
+@given(config=configs, n=st.integers(1, 40))
+def test_make_plan_is_the_step_by_step_fold(config: abcore.ABConfig, n: int) -> None:
+    times = shifted_times(n)
+    plan = abcore.make_plan(config, times)
+    for num_steps in (n, None):
+        if num_steps is None and config.cooldown:
+            continue  # the cool-down needs the number of steps
+        state = abcore.PlannerState()
+        for i, t in enumerate(times):
+            decision = abcore.plan_step(config, state, t, num_steps)
+            assert decision.index == i and decision.time == t
+            assert decision.compute == plan.compute[i]
+            np.testing.assert_array_equal(decision.weights, plan.weights[i])
+            assert list(decision.sources) == [s for s in plan.sources[i] if s >= 0]
+            state = abcore.record(config, state, decision, decision.compute)
+        assert state.step == n
+
+
+@SETTINGS
+@given(config=configs, n=st.integers(1, 40))
+def test_sample_executes_the_plan(config: abcore.ABConfig, n: int) -> None:
+    ode, euler = _convergence.nonlinear_ode(), _convergence._euler
+    times = _convergence.make_grid("shifted", n)
+    calls: list[float] = []
+
+    def model(x: np.ndarray, t: float) -> np.ndarray:
+        calls.append(t)
+        return ode.f(x, t)
+
+    traj = abcore.sample(model, ode.exact(times[0]), times, euler, config)
+    plan = abcore.make_plan(config, times[:-1])
+    np.testing.assert_array_equal(traj.computed, plan.compute)
+    assert calls == times[:-1][plan.compute].tolist()  # the model never runs at the final time
+    assert len(traj.outputs) == n
+    # Replay: each predicted output is the plan's combination of the computed outputs.
+    x = ode.exact(times[0])
+    for i in range(n):
+        if plan.compute[i]:
+            expected = ode.f(x, times[i])
+        else:
+            sources = plan.sources[i][plan.sources[i] >= 0]
+            expected = sum(w * traj.outputs[s] for w, s in zip(plan.weights[i], sources, strict=False))
+        np.testing.assert_allclose(traj.outputs[i], expected, rtol=1e-13, atol=1e-15)
+        x = euler(x, expected, times[i], times[i + 1])
+    np.testing.assert_allclose(traj.x, x, rtol=1e-13, atol=1e-15)
+
+
+def test_early_prediction_from_fewer_outputs_caps_the_order() -> None:
+    config = abcore.ABConfig(order=3, compute_mask=(True, False, True, False, True, False))
+    times = np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.1])
+    plan = abcore.make_plan(config, times)
+    np.testing.assert_array_equal(plan.compute, config.compute_mask)
+    np.testing.assert_array_equal(plan.weights[1], [1.0, 0.0, 0.0])  # one output: plain reuse
+    np.testing.assert_allclose(plan.weights[3, :2], abcore.extrapolation_weights([0.6, 1.0], 0.4))
+    np.testing.assert_allclose(plan.weights[5], abcore.extrapolation_weights([0.2, 0.6, 1.0], 0.1))
+
+
+def test_new_generation_is_detected() -> None:
+    config = abcore.ABConfig()
+    state = abcore.PlannerState()
+    for t in (1.0, 0.9):
+        state = abcore.record(config, state, abcore.plan_step(config, state, t), True)
+    assert not state.is_new_generation(0.8)
+    assert state.is_new_generation(1.0)
+    assert state.is_new_generation(0.9)
+    with pytest.raises(ValueError, match="time"):
+        abcore.plan_step(config, state, 0.95)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("h", [0.05, 0.3])
+def test_exp_eps_weighting_on_equal_lambda_grid_is_eq_3_6(k: int, h: float) -> None:
+    lambdas = -2.0 + h * np.arange(k + 3)  # lambda increases during sampling
+    config = abcore.ABConfig(order=k, interval=4, warmup=k, weighting="exp-eps")
+    plan = abcore.make_plan(config, lambdas)
+    assert not plan.compute[k]
+    expected = [comb(k, i) * (-1) ** (i + 1) * np.exp(i * h) for i in range(1, k + 1)]
+    np.testing.assert_allclose(plan.weights[k], expected, rtol=1e-12)
+    w, _ = abcore.history_weights(lambdas[k - 1 :: -1][:k], np.ones(k, bool), lambdas[k], k, "exp-x0")
+    np.testing.assert_allclose(w, [b * np.exp(-i * h) for i, b in enumerate(abcore.binomial_weights(k), 1)])
+
+
+@SETTINGS
+@given(order=st.integers(2, 5), filled=st.integers(1, 5), data=st.data())
+def test_history_weights_embedded_error_pair(order: int, filled: int, data: st.DataObject) -> None:
+    m = min(order, filled)
+    times = np.cumsum(data.draw(st.lists(st.floats(0.2, 1.0), min_size=order, max_size=order)))
+    target = -data.draw(st.floats(0.1, 2.0))  # newest first, so extrapolate below times[0]
+    times = times - times[0]
+    valid = np.arange(order) < m
+    w, e = abcore.history_weights(times, valid, target, order)
+    np.testing.assert_allclose(w[:m], abcore.extrapolation_weights(times[:m], target), rtol=1e-9, atol=1e-12)
+    assert np.all(w[m:] == 0) and np.all(e[m:] == 0)
+    if m < 2:
+        assert np.all(e == 0)
+        return
+    lower = abcore.extrapolation_weights(times[: m - 1], target)
+    np.testing.assert_allclose(e[:m], w[:m] - np.append(lower, 0.0), rtol=1e-9, atol=1e-9)
+    # e annihilates polynomials of degree < m - 1 (both predictions are exact there).
+    for degree in range(m - 1):
+        assert abs(e[:m] @ times[:m] ** degree) <= 1e-9 * np.sum(np.abs(e[:m] * times[:m] ** degree)) + 1e-12
+
+
+def test_adaptive_mode_cannot_be_planned_ahead() -> None:
+    with pytest.raises(ValueError, match="tolerance"):
+        abcore.make_plan(abcore.ABConfig(tolerance=1e-3), shifted_times(10))

@@ -1,0 +1,114 @@
+"""Bad input raises ValueError naming the parameter."""
+
+from __future__ import annotations
+
+import math
+
+import abcore
+import numpy as np
+import pytest
+
+TIMES = np.linspace(1.0, 0.1, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"order": 0}, "order"),
+        ({"order": -1}, "order"),
+        ({"order": 2.0}, "order"),
+        ({"order": True}, "order"),
+        ({"interval": 0}, "interval"),
+        ({"interval": -3}, "interval"),
+        ({"warmup": -1}, "warmup"),
+        ({"cooldown": -2}, "cooldown"),
+        ({"compute_mask": (False, True)}, "compute_mask"),
+        ({"compute_mask": ()}, "compute_mask"),
+        ({"compute_mask": (True, 1)}, "compute_mask"),
+        ({"tolerance": 0.0}, "tolerance"),
+        ({"tolerance": -1e-3}, "tolerance"),
+        ({"tolerance": math.nan}, "tolerance"),
+        ({"tolerance": math.inf}, "tolerance"),
+        ({"tolerance": "1e-3"}, "tolerance"),
+        ({"order": 1, "tolerance": 1e-3}, "order"),
+        ({"max_predicted": -1}, "max_predicted"),
+        ({"weighting": "exp"}, "weighting"),
+        ({"weighting": None}, "weighting"),
+    ],
+)
+def test_abconfig_rejects_bad_fields(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        abcore.ABConfig(**kwargs)
+
+
+def test_abconfig_is_frozen_and_hashable() -> None:
+    config = abcore.ABConfig(compute_mask=[True, False])  # a list is stored as a tuple
+    assert config.compute_mask == (True, False)
+    assert hash(config) == hash(abcore.ABConfig(compute_mask=(True, False)))
+    with pytest.raises(AttributeError):
+        config.order = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "times",
+    [[], [1.0, math.nan, 0.5], [1.0, 0.5, 0.7], [1.0, 1.0, 0.5], [0.1, math.inf], [[1.0, 0.5]]],
+    ids=["empty", "nan", "non-monotonic", "repeated", "inf", "2-d"],
+)
+def test_make_plan_rejects_bad_times(times: list) -> None:
+    with pytest.raises(ValueError, match="times"):
+        abcore.make_plan(abcore.ABConfig(), times)
+
+
+def test_compute_mask_must_match_the_grid() -> None:
+    with pytest.raises(ValueError, match="compute_mask"):
+        abcore.make_plan(abcore.ABConfig(compute_mask=(True, False, True)), TIMES)
+
+
+def test_sample_rejects_bad_times() -> None:
+    step = lambda x, out, t0, t1: x  # noqa: E731
+    for times in ([1.0], [1.0, 0.5, 0.7], [1.0, math.nan]):
+        with pytest.raises(ValueError, match="times"):
+            abcore.sample(lambda x, t: x, np.zeros(2), times, step, abcore.ABConfig())
+
+
+def test_plan_step_rejects_bad_time_and_overrun() -> None:
+    config = abcore.ABConfig()
+    with pytest.raises(ValueError, match="time"):
+        abcore.plan_step(config, abcore.PlannerState(), math.nan)
+    state = abcore.record(config, abcore.PlannerState(), abcore.plan_step(config, abcore.PlannerState(), 1.0, 1), True)
+    with pytest.raises(ValueError, match="num_steps"):
+        abcore.plan_step(config, state, 0.5, 1)
+
+
+@pytest.mark.parametrize("nodes", [[], [1.0, 1.0], [0.0, math.nan], [[0.0, 1.0]]], ids=["empty", "dup", "nan", "2-d"])
+def test_weight_functions_reject_bad_nodes(nodes: list) -> None:
+    with pytest.raises(ValueError, match="nodes"):
+        abcore.extrapolation_weights(nodes, 2.0)
+    with pytest.raises(ValueError, match="nodes"):
+        abcore.multistep_weights(nodes, 0.0, 1.0)
+
+
+def test_weight_functions_reject_non_finite_targets() -> None:
+    with pytest.raises(ValueError, match="target"):
+        abcore.extrapolation_weights([0.0, 1.0], math.nan)
+    with pytest.raises(ValueError, match="t_from"):
+        abcore.multistep_weights([0.0, 1.0], math.inf, 1.0)
+
+
+@pytest.mark.parametrize(
+    "function", [abcore.adams_bashforth_weights, abcore.binomial_weights, abcore.verify_proposition_2]
+)
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
+def test_order_functions_reject_bad_k(function, k) -> None:
+    with pytest.raises(ValueError, match="k"):
+        function(k)
+
+
+def test_backward_difference_coefficient_rejects_negative() -> None:
+    with pytest.raises(ValueError, match="k"):
+        abcore.backward_difference_coefficient(-1)
+
+
+def test_num_computed_rejects_bad_num_steps() -> None:
+    with pytest.raises(ValueError, match="num_steps"):
+        abcore.ABConfig().num_computed(0)
