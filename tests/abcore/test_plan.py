@@ -186,3 +186,34 @@ def test_history_weights_embedded_error_pair(order: int, filled: int, data: st.D
 def test_adaptive_mode_cannot_be_planned_ahead() -> None:
     with pytest.raises(ValueError, match="tolerance"):
         abcore.make_plan(abcore.ABConfig(tolerance=1e-3), shifted_times(10))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_spacing_binomial_gives_eq_3_6_weights_at_every_predicted_step(order):
+    plan = abcore.make_plan(abcore.ABConfig(order=order, interval=4, warmup=order, spacing="binomial"), shifted_times(40))
+    expected = np.array(abcore.binomial_weights(order), dtype=float)
+    predicted = ~plan.compute
+    assert predicted.sum() > 10
+    np.testing.assert_array_equal(plan.weights[predicted], np.broadcast_to(expected, (predicted.sum(), order)))
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_spacing_index_uses_step_indices_and_time_uses_real_times(order):
+    times = shifted_times(40)
+    config = abcore.ABConfig(order=order, interval=3, warmup=order)
+    by_index = abcore.make_plan(abcore.ABConfig(order=order, interval=3, warmup=order, spacing="index"), times)
+    by_time = abcore.make_plan(config, times)
+    np.testing.assert_array_equal(by_index.compute, by_time.compute)
+    for i in np.flatnonzero(~by_time.compute):
+        src = by_time.sources[i][by_time.sources[i] >= 0]
+        np.testing.assert_allclose(by_index.weights[i], abcore.extrapolation_weights(src.astype(float), float(i)))
+        np.testing.assert_allclose(by_time.weights[i], abcore.extrapolation_weights(times[src], times[i]))
+    # on a non-uniform grid the two differ
+    assert not np.allclose(by_index.weights, by_time.weights)
+
+
+def test_spacing_other_than_time_needs_the_fixed_schedule():
+    with pytest.raises(ValueError, match="spacing"):
+        abcore.ABConfig(order=2, tolerance=0.1, spacing="index")
+    with pytest.raises(ValueError, match="spacing"):
+        abcore.ABConfig(spacing="sigma")

@@ -23,8 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from abcore import ABConfig, CachePlan, accept_prediction, history_weights, make_plan
-from abcore._validate import as_times
+from abcore import ABConfig, CachePlan, accept_prediction, as_times, history_weights, make_plan
 from jax import lax
 
 from abcache_jax._state import (

@@ -16,6 +16,7 @@ from abcore._plan import (
 )
 from abcore._reference import Trajectory, sample
 from abcore._schedule import lambda_from_alphas_cumprod, lambda_from_sigma, scale_factor, scale_factor_curve
+from abcore._validate import as_times
 from abcore._weights import (
     Proposition2Report,
     adams_bashforth_weights,
@@ -38,6 +39,7 @@ __all__ = [
     "Trajectory",
     "accept_prediction",
     "adams_bashforth_weights",
+    "as_times",
     "backward_difference_coefficient",
     "barycentric_weights",
     "binomial_weights",
