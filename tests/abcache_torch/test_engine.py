@@ -288,3 +288,34 @@ def test_extrapolate_matches_weights_and_rejects_empty_history():
     assert torch.equal(out[0], torch.tensor([-1.0, -1.0]))
     with pytest.raises(ValueError, match="history"):
         extrapolate([], [1.0])
+
+
+@pytest.mark.parametrize("announce", [False, True])
+def test_predict_and_store_split_a_step_exactly(announce):
+    """predict()/store() (the model run by the caller) gives the outputs and counts of step()."""
+    times = grid("shifted", 20)[:-1]
+    config = abcore.ABConfig(order=3, interval=3, warmup=3)
+    whole = CacheState(config, times if announce else None)
+    split = CacheState(config, times if announce else None)
+    calls = 0
+    for t in times:
+        out = torch.full((2, 3), math.sin(3 * t), dtype=torch.float64)
+        a = whole.step(t, lambda out=out: out)
+        predicted, b = split.predict(t)
+        if not predicted:
+            calls += 1
+            assert b is None
+            b = split.store(out)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert calls == whole.stats.computed == split.stats.computed == config.num_computed(len(times))
+    assert split.stats.predicted == whole.stats.predicted
+
+
+def test_store_without_a_pending_compute_step_is_an_error():
+    state = CacheState(abcore.ABConfig())
+    with pytest.raises(ValueError, match="pending"):
+        state.store(torch.zeros(2))
+    assert state.predict(1.0) == (False, None)
+    state.store(torch.zeros(2))
+    with pytest.raises(ValueError, match="pending"):
+        state.store(torch.zeros(2))

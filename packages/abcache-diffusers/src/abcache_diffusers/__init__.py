@@ -1,1 +1,29 @@
-"""abcache-diffusers"""
+"""abcache-diffusers: AB-Cache for Hugging Face diffusers pipelines, on the scheduler's real sigma / lambda spacing.
+
+from abcache_diffusers import enable_ab_cache
+enable_ab_cache(pipe)  # FLUX, SD3, Wan, LTX, CogVideoX, DiT, DDIM, ... any denoiser that takes a timestep
+image = pipe(prompt).images[0]
+"""
+
+from abcache_diffusers._config import ABSCISSAS, ABCacheConfig
+from abcache_diffusers._hook import AB_CACHE_HOOK, ABCacheHook, apply_ab_cache, get_ab_cache_hook, remove_ab_cache
+from abcache_diffusers._pipeline import cache_stats, denoisers, disable_ab_cache, enable_ab_cache, summary
+from abcache_diffusers._spacing import abscissa_grid, resolve_abscissa
+
+__all__ = [
+    "ABSCISSAS",
+    "AB_CACHE_HOOK",
+    "ABCacheConfig",
+    "ABCacheHook",
+    "abscissa_grid",
+    "apply_ab_cache",
+    "cache_stats",
+    "denoisers",
+    "disable_ab_cache",
+    "enable_ab_cache",
+    "get_ab_cache_hook",
+    "remove_ab_cache",
+    "resolve_abscissa",
+    "summary",
+]
+__version__ = "0.1.0"

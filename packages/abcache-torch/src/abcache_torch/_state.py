@@ -70,6 +70,7 @@ class _Context:
     key: Hashable = None
     planner: abcore.PlannerState = _EMPTY_PLANNER
     off_plan: bool = False  # a fallback or a fresh history left the announced plan: plan step by step
+    pending: abcore.StepDecision | None = None  # a compute step announced by `predict`, awaiting `store`
 
 
 def _as_time(time: Any) -> float:
@@ -237,28 +238,45 @@ class CacheState:
             the same structure with every tensor leaf replaced by sum_j w_j H_j.
         context: the history to use (default: the innermost `context(name)`, else "default").
         key: a hashable summary of the inputs (e.g. their shapes); a change starts a fresh history.
+
+        Equivalent to `predict` followed, at a compute step, by ``store(compute())``.
         """
-        name = self.current_context if context is None else context
-        if not isinstance(name, str):
-            raise TypeError(f"context must be a str or None, got {type(name).__name__}")
         if not callable(compute):
             raise TypeError(f"compute must be callable, got {type(compute).__name__}")
+        name = self._name(context)
+        predicted, output = self.predict(time, name, key=key)
+        return output if predicted else self.store(compute(), name)
+
+    def predict(self, time: Any, context: str | None = None, *, key: Hashable = None) -> tuple[bool, Any]:
+        """First half of `step`: ``(True, prediction)`` at a predicted step, else ``(False, None)``.
+
+        After ``(False, None)`` the caller runs the model itself (e.g. so that a compiled model is
+        called outside this engine) and passes its output to `store`.
+        """
+        name = self._name(context)
         ctx = self._contexts.setdefault(name, _Context())
         if ctx.key != key and (ctx.entries or ctx.planner.step):
             ctx = self._contexts[name] = _Context()
         ctx.key = key
         stats = self._stats.context(name)
         decision = self._decide(ctx, None if time is None else _as_time(time))
-
         if not decision.compute and ctx.entries:
             outcome = self._predict(ctx, decision, stats)
             if outcome is not None:
                 stats.predicted += 1
                 ctx.planner = abcore.record(self.config, ctx.planner, decision, False)
-                return ctx.treedef.unflatten(outcome)  # type: ignore[union-attr]
+                return True, ctx.treedef.unflatten(outcome)  # type: ignore[union-attr]
             ctx.off_plan = True  # the history now holds an output the plan did not foresee
+        ctx.pending = decision
+        return False, None
 
-        result = compute()
+    def store(self, result: T, context: str | None = None) -> T:
+        """Second half of `step`: store the model output of the compute step `predict` announced."""
+        name = self._name(context)
+        ctx = self._contexts.get(name)
+        if ctx is None or ctx.pending is None:
+            raise ValueError(f"context {name!r} has no pending compute step: call predict() first")
+        decision, ctx.pending = ctx.pending, None
         leaves, treedef = flatten(result)
         _check_leaves(leaves, result)
         signature = (treedef.spec, tuple((leaf.shape, leaf.dtype, leaf.device) for leaf in leaves))
@@ -271,8 +289,14 @@ class CacheState:
         ctx.entries = ctx.entries[: self.config.order]
         ctx.treedef, ctx.signature = treedef, signature
         ctx.planner = abcore.record(self.config, ctx.planner, decision, True)
-        stats.computed += 1
+        self._stats.context(name).computed += 1
         return result
+
+    def _name(self, context: str | None) -> str:
+        name = self.current_context if context is None else context
+        if not isinstance(name, str):
+            raise TypeError(f"context must be a str or None, got {type(name).__name__}")
+        return name
 
     def _decide(self, ctx: _Context, time: float | None) -> abcore.StepDecision:
         """The decision for the context's next step (starting a new generation when due)."""

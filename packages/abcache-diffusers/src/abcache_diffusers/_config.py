@@ -1,0 +1,126 @@
+"""`ABCacheConfig`: AB-Cache settings for a diffusers denoiser, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from abcore import WEIGHTINGS, ABConfig
+
+Abscissa = Literal["auto", "sigma", "lambda", "timestep", "index"]
+ABSCISSAS: tuple[str, ...] = ("auto", "sigma", "lambda", "timestep", "index")
+# "exp" picks "exp-eps" or "exp-x0" from the scheduler's `prediction_type`.
+CONFIG_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "exp")
+_AB_DEFAULTS = ABConfig()
+_AB_FIELDS = ("order", "interval", "warmup", "cooldown", "compute_mask", "tolerance", "max_predicted", "weighting")
+
+
+@dataclass(frozen=True)
+class ABCacheConfig:
+    r"""
+    Configuration for [AB-Cache](https://huggingface.co/papers/2504.10540) ("AB-Cache: Training-Free Acceleration of
+    Diffusion Models via Adams-Bashforth Cached Feature Reuse", arXiv:2504.10540).
+
+    The denoiser runs only at some steps; at the others its output is predicted by Lagrange extrapolation of order
+    `order` through the last `order` *computed* outputs at their real step times (the paper's Eq. 3.5, error
+    O(h^k)). The step times are the scheduler's own spacing: sigma for flow-matching schedulers (shift and dynamic
+    shifting included), the half log-SNR lambda = log(alpha / sigma) for DDIM / DPM-Solver / UniPC / Euler type
+    schedulers. The weights come from `abcore`.
+
+    Args:
+        order (`int`, defaults to `2`):
+            Number of computed outputs each prediction combines (k; error O(h^k)).
+        interval (`int`, defaults to `3`):
+            One computed step every `interval` steps after the warm-up (`1` computes every step). In adaptive mode,
+            the default bound on consecutive predictions is `interval - 1`.
+        warmup (`int`, defaults to `2`):
+            Leading steps that always compute (at least the first one does).
+        cooldown (`int`, defaults to `0`):
+            Trailing steps that always compute.
+        compute_mask (`tuple[bool, ...]`, *optional*):
+            Explicit per-step compute flags replacing the fixed schedule; must start with `True` and have one entry
+            per denoising step of the call.
+        tolerance (`float`, *optional*):
+            Enables the adaptive mode: a step is predicted only when the embedded error estimate
+            ||p_k - p_{k-1}|| / ||p_k|| is at most `tolerance` (needs `order >= 2`).
+        max_predicted (`int`, *optional*):
+            Adaptive mode: most consecutive predicted steps (default `interval - 1`).
+        weighting (`str`, defaults to `"plain"`):
+            What is extrapolated. `"plain"`: the model output itself. `"exp-eps"` / `"exp-x0"`: the paper's
+            exponential weighting (Eq. 3.6) for epsilon / sample prediction, on the lambda abscissa. `"exp"` picks one
+            of the two from the scheduler's `prediction_type`.
+        abscissa (`str`, defaults to `"auto"`):
+            The step time predictions extrapolate on. `"auto"`: sigma for flow-matching schedulers, lambda for
+            schedulers with `alphas_cumprod` or VP/VE sigmas, the timestep otherwise. `"sigma"`, `"lambda"`,
+            `"timestep"` (the scheduler's timestep value) and `"index"` (the step number, as index-based caches do)
+            force one.
+        min_steps (`int`, defaults to `10`):
+            Few-step guard: a call with fewer denoising steps than this (distilled 1-8 step models) computes every
+            step, with a warning, unless `force=True`. Extrapolating over such coarse grids is inaccurate.
+        force (`bool`, defaults to `False`):
+            Cache even below `min_steps`.
+        timestep_arg (`str`, defaults to `"timestep"`):
+            Name of the denoiser's forward argument that carries the timestep.
+
+    Example:
+
+    ```python
+    >>> from abcache_diffusers import ABCacheConfig, enable_ab_cache
+
+    >>> enable_ab_cache(pipe, ABCacheConfig(order=2, interval=3, warmup=2))
+    >>> image = pipe(prompt, num_inference_steps=28).images[0]
+    ```
+    """
+
+    # abcore's fields, with abcore's defaults
+    order: int = _AB_DEFAULTS.order
+    interval: int = _AB_DEFAULTS.interval
+    warmup: int = _AB_DEFAULTS.warmup
+    cooldown: int = _AB_DEFAULTS.cooldown
+    compute_mask: tuple[bool, ...] | None = _AB_DEFAULTS.compute_mask
+    tolerance: float | None = _AB_DEFAULTS.tolerance
+    max_predicted: int | None = _AB_DEFAULTS.max_predicted
+    weighting: str = _AB_DEFAULTS.weighting
+    abscissa: Abscissa = "auto"
+    min_steps: int = 10
+    force: bool = False
+    timestep_arg: str = "timestep"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in CONFIG_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {CONFIG_WEIGHTINGS}, got {self.weighting!r}")
+        # abcore validates its own fields and names them in its errors.
+        ab = self.to_ab_config("plain" if self.weighting == "exp" else self.weighting)
+        object.__setattr__(self, "compute_mask", ab.compute_mask)
+        if self.abscissa not in ABSCISSAS:
+            raise ValueError(f"abscissa must be one of {ABSCISSAS}, got {self.abscissa!r}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be a non-negative int, got {self.min_steps!r}")
+        if not isinstance(self.force, bool):
+            raise ValueError(f"force must be a bool, got {self.force!r}")
+        if not isinstance(self.timestep_arg, str) or not self.timestep_arg.isidentifier():
+            raise ValueError(f"timestep_arg must be an argument name, got {self.timestep_arg!r}")
+        if self.weighting.startswith("exp") and self.abscissa not in ("auto", "lambda"):
+            raise ValueError(f"weighting {self.weighting!r} needs the lambda abscissa, got abscissa={self.abscissa!r}")
+
+    def to_ab_config(self, weighting: str | None = None) -> ABConfig:
+        """The `abcore.ABConfig` with this config's schedule; `weighting` overrides (resolves "exp")."""
+        values = {name: getattr(self, name) for name in _AB_FIELDS}
+        if weighting is not None:
+            values["weighting"] = weighting
+        return ABConfig(**values)
+
+
+def as_config(config: ABCacheConfig | dict | None) -> ABCacheConfig:
+    """`config`, or the default config for None, or ``ABCacheConfig(**config)`` for a dict."""
+    if config is None:
+        return ABCacheConfig()
+    if isinstance(config, dict):
+        known = {f.name for f in fields(ABCacheConfig)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown ABCacheConfig fields {unknown}; allowed: {sorted(known)}")
+        return ABCacheConfig(**config)
+    if not isinstance(config, ABCacheConfig):
+        raise TypeError(f"config must be an ABCacheConfig, a dict of its fields, or None; got {type(config).__name__}")
+    return config
