@@ -23,7 +23,7 @@ def test_forward_runs_exactly_the_planned_number_of_times(pipeline, tiny):
     enable_ab_cache(pipe, config)
     first = run(pipe, kwargs)
     planned = ABConfig(order=2, interval=3, warmup=2, cooldown=1).num_computed(STEPS)
-    assert planned == 6  # steps 0, 1 (warm-up), 4, 7, 10, 11 (cool-down) of 12
+    assert planned == 6  # steps 0, 1 (warm-up), 3, 6, 9, 11 (cool-down) of 12
     assert calls[0] == planned * len(CONTEXTS[name])
     stats = cache_stats(pipe)["transformer" if name != "ddim" else "unet"]
     assert sorted(stats.contexts) == sorted(CONTEXTS[name])

@@ -10,7 +10,7 @@ import torch
 from abcache_torch import ABCache, CacheState, extrapolate
 
 CONFIG = abcore.ABConfig(order=2, interval=3, warmup=2)
-TIMES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # computes steps 0, 1, 4
+TIMES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # computes steps 0, 1, 3, 6
 
 
 class Recorder(torch.nn.Module):
@@ -45,8 +45,8 @@ def test_time_is_read_from_the_call(call, kwargs):
     cache = ABCache(model, CONFIG, **kwargs)
     x = torch.ones(3, 2)
     outs = [call(cache, x, t) for t in TIMES]
-    assert [c[1] for c in model.calls] == pytest.approx([1.0, 0.9, 0.6])
-    assert cache.stats.computed == 3 and cache.stats.predicted == 4
+    assert [c[1] for c in model.calls] == pytest.approx([1.0, 0.9, 0.7, 0.4])
+    assert cache.stats.computed == 4 and cache.stats.predicted == 3
     # linear extrapolation is exact for an output linear in t (on the sigma abscissa)
     if "time_fn" not in kwargs:
         torch.testing.assert_close(outs[2], x * 0.8 * 2.0)
@@ -69,8 +69,8 @@ def test_cfg_contexts_have_separate_histories():
             cond_out.append(cache(x, t, cond=torch.tensor(10.0)))
         with cache.context("uncond"):
             uncond_out.append(cache(x, t))
-    assert len(model.calls) == 6
-    assert cache.stats.contexts["cond"].computed == 3 and cache.stats.contexts["uncond"].predicted == 4
+    assert len(model.calls) == 8
+    assert cache.stats.contexts["cond"].computed == 4 and cache.stats.contexts["uncond"].predicted == 3
     # each prediction extrapolates its own branch exactly (outputs are linear in t)
     for i, t in enumerate(TIMES):
         torch.testing.assert_close(cond_out[i], (x * t + 10.0) * 2.0)
@@ -92,10 +92,10 @@ def test_new_generation_when_time_goes_back_up(announce):
     model = Recorder()
     cache = ABCache(model, CONFIG, times=TIMES if announce else None)
     x = torch.ones(2)
-    for t in TIMES[:4]:  # an aborted generation: computes 0, 1; predicts 2, 3
+    for t in TIMES[:5]:  # an aborted generation: computes 0, 1, 3; predicts 2, 4
         cache(x, t)
     second = [cache(x * 3.0, t) for t in TIMES]  # time goes back up (a float, read in both modes)
-    assert [c[1] for c in model.calls] == pytest.approx([1.0, 0.9, 1.0, 0.9, 0.6])
+    assert [c[1] for c in model.calls] == pytest.approx([1.0, 0.9, 0.7, 1.0, 0.9, 0.7, 0.4])
     torch.testing.assert_close(second[2], x * 3.0 * 0.8 * 2.0)  # no output of the first generation used
 
 
@@ -106,13 +106,13 @@ def test_counter_wraps_after_announced_grid_and_reset():
     for _ in range(2):
         for t in TIMES:
             cache(x, torch.tensor(t))
-    assert len(model.calls) == 6
+    assert len(model.calls) == 8
     for t in TIMES[:3]:
         cache(x, torch.tensor(t))
     cache.reset()
     cache(x, torch.tensor(TIMES[0]))
     cache(x, torch.tensor(TIMES[1]))
-    assert len(model.calls) == 6 + 2 + 2
+    assert len(model.calls) == 8 + 2 + 2
 
 
 def test_batch_change_starts_new_generation():
@@ -137,7 +137,7 @@ def test_output_shape_change_drops_old_history():
 
 def test_non_finite_prediction_falls_back_and_is_counted():
     values = {1.0: 1.0, 0.9: 1e308, 0.8: 5.0, 0.7: 7.0}
-    state = CacheState(abcore.ABConfig(order=2, interval=3, warmup=2))
+    state = CacheState(abcore.ABConfig(order=2, interval=4, warmup=2))  # computes 0, 1, 4: steps 2, 3 predicted
     calls = []
 
     def compute(t):
@@ -155,7 +155,7 @@ def test_non_finite_prediction_falls_back_and_is_counted():
 def test_non_finite_fallback_with_announced_plan_replans():
     values = [1.0, 1e308, 5.0, 6.0, 7.0, 8.0]
     times = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
-    state = CacheState(abcore.ABConfig(order=2, interval=3, warmup=2), times)
+    state = CacheState(abcore.ABConfig(order=2, interval=4, warmup=2), times)
     calls = []
 
     def compute(i):
@@ -165,7 +165,7 @@ def test_non_finite_fallback_with_announced_plan_replans():
     outs = [state.step(None, lambda i=i: compute(i)) for i in range(6)]
     assert state.stats.fallbacks == 1
     # plan computes 0, 1, 4; the fallback at 2 makes the history (2, 1): step 3 predicts from it
-    assert calls == [0, 1, 2, 4] or calls == [0, 1, 2, 5]
+    assert calls == [0, 1, 2, 4]
     assert math.isfinite(outs[3].item())
 
 
@@ -186,10 +186,10 @@ def test_stats_repr_and_properties():
     for t in TIMES:
         state.step(t, lambda t=t: torch.tensor([t]))
     s = state.stats
-    assert (s.computed, s.predicted, s.steps, s.saved_calls) == (3, 4, 7, 4)
-    assert s.speedup_bound == pytest.approx(7 / 3)
+    assert (s.computed, s.predicted, s.steps, s.saved_calls) == (4, 3, 7, 3)
+    assert s.speedup_bound == pytest.approx(7 / 4)
     assert repr(s) == (
-        "CacheStats(steps=7, computed=3, predicted=4, saved_calls=4, fallbacks=0, max_error=None, speedup_bound=2.33x)"
+        "CacheStats(steps=7, computed=4, predicted=3, saved_calls=3, fallbacks=0, max_error=None, speedup_bound=1.75x)"
     )
     state.reset()
     assert state.stats.steps == 7
@@ -236,7 +236,7 @@ def test_compiled_model_inside_the_wrapper():
     with torch.no_grad():
         for t in TIMES:
             torch.testing.assert_close(compiled_cache(x, t), eager_cache(x, t), rtol=1e-12, atol=1e-12)
-    assert compiled_cache.stats.predicted == 4
+    assert compiled_cache.stats.predicted == 3
 
 
 def test_predicted_path_compiles_without_graph_breaks():

@@ -12,7 +12,17 @@ ABSCISSAS: tuple[str, ...] = ("auto", "sigma", "lambda", "timestep", "index")
 # "exp" picks "exp-eps" or "exp-x0" from the scheduler's `prediction_type`.
 CONFIG_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "exp")
 _AB_DEFAULTS = ABConfig()
-_AB_FIELDS = ("order", "interval", "warmup", "cooldown", "compute_mask", "tolerance", "max_predicted", "weighting")
+_AB_FIELDS = (
+    "order",
+    "interval",
+    "warmup",
+    "cooldown",
+    "compute_mask",
+    "tolerance",
+    "max_predicted",
+    "weighting",
+    "spacing",
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,10 @@ class ABCacheConfig:
             What is extrapolated. `"plain"`: the model output itself. `"exp-eps"` / `"exp-x0"`: the paper's
             exponential weighting (Eq. 3.6) for epsilon / sample prediction, on the lambda abscissa. `"exp"` picks one
             of the two from the scheduler's `prediction_type`.
+        spacing (`str`, defaults to `"time"`):
+            The extrapolation nodes: `"time"` (the computed outputs' real step times on the abscissa below),
+            `"index"` (their step numbers) or `"binomial"` (the paper's equal-step Eq. 3.6 applied to the last
+            computed outputs as if consecutive). The last two exist for comparison.
         abscissa (`str`, defaults to `"auto"`):
             The step time predictions extrapolate on. `"auto"`: sigma for flow-matching schedulers, lambda for
             schedulers with `alphas_cumprod` or VP/VE sigmas, the timestep otherwise. `"sigma"`, `"lambda"`,
@@ -81,6 +95,7 @@ class ABCacheConfig:
     tolerance: float | None = _AB_DEFAULTS.tolerance
     max_predicted: int | None = _AB_DEFAULTS.max_predicted
     weighting: str = _AB_DEFAULTS.weighting
+    spacing: str = _AB_DEFAULTS.spacing
     abscissa: Abscissa = "auto"
     min_steps: int = 10
     force: bool = False
