@@ -34,6 +34,7 @@ PACKAGES = {
             "./packages/abcache-torch",
             "./packages/abcache-jax[flax]",
             "./packages/abcache-diffusers[demo]",
+            "scikit-image",  # the reference SSIM the metrics are checked against
         ],
         "tests/integration",
     ),
@@ -58,13 +59,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("mypy>=1.10", "./packages/abcore")
+    _install_all(session, "mypy>=1.10")
     session.run("mypy", "-p", "abcore", "-p", "abcache_torch", "-p", "abcache_jax", "-p", "abcache_diffusers")
 
 
-def _install_all(session: nox.Session) -> None:
+def _install_all(session: nox.Session, *extra: str) -> None:
     session.install(TORCH)
     session.install(
+        *extra,
         "./packages/abcore",
         "./packages/abcache-torch",
         "./packages/abcache-jax[flax]",

@@ -1,0 +1,230 @@
+"""Side-by-side runs of the shipped models under each acceleration method, scored against the full sampler.
+
+Every run starts from the same noise (and labels) as the full 50-step reference, so PSNR / SSIM measure how far a
+method moves the result, the Frechet distance (classifier features, against the real digits) measures the sample
+distribution, and NFE counts full denoiser evaluations per image and guidance branch (calls of the last layer of the
+denoiser's last block, so block-level caches such as FirstBlockCache are counted by what they really skip).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from abcache_diffusers import ABCacheConfig, disable_ab_cache, enable_ab_cache
+
+from .data import load_digits16
+from .metrics import classifier_accuracy, classifier_features, frechet_distance, psnr, ssim
+from .pipelines import make_ddim_pipeline, make_flow_pipeline
+
+STEPS = 50
+
+
+@dataclass
+class Run:
+    """One sampling run: images in [-1, 1] as (N, 1, H, W), NFE per image and branch, wall time."""
+
+    method: str
+    family: str
+    nfe: float
+    seconds: float
+    images: np.ndarray = field(repr=False)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def _last_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The last parameterised leaf layer of the denoiser's last block: it runs iff the whole stack runs."""
+    for name in ("transformer_blocks", "up_blocks", "blocks"):
+        blocks = getattr(module, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            leaves = [m for m in blocks[-1].modules() if not list(m.children()) and list(m.parameters())]
+            if leaves:
+                return leaves[-1]
+    raise ValueError(f"cannot find the last block of {type(module).__name__}")
+
+
+@contextlib.contextmanager
+def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
+    """Count full evaluations of `module`: forward calls of its last block's last layer.
+
+    Block-level caches (FirstBlockCache, MagCache, TaylorSeer) replace a skipped block's forward without
+    calling its layers, so this counts what they really compute.
+    """
+    counter = [0]
+    handle = _last_layer(module).register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+class Setup:
+    """A pipeline, its fixed inputs and its full-step reference; subclasses say how to call it."""
+
+    branches = 1
+    name = ""
+
+    def __init__(self, pipe: Any, batch: int, seed: int) -> None:
+        self.pipe, self.batch = pipe, batch
+        self.default_scheduler = pipe.scheduler
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Draw the initial noise of the following runs from `seed`."""
+        self.seed = seed
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _call(self, steps: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def run(
+        self,
+        method: str,
+        family: str,
+        *,
+        cache: ABCacheConfig | None = None,
+        apply: Callable[[torch.nn.Module], Callable[[], None]] | None = None,
+        scheduler: Any = None,
+        steps: int = STEPS,
+    ) -> Run:
+        """Sample once. `cache`: AB-Cache config; `apply(denoiser) -> undo`: another cache; `scheduler`: swap."""
+        self.pipe.scheduler = scheduler if scheduler is not None else self.default_scheduler
+        undo = None
+        if cache is not None:
+            enable_ab_cache(self.pipe, cache)
+        if apply is not None:
+            undo = apply(self.denoiser)
+        try:
+            with count_calls(self.denoiser) as calls:
+                start = time.perf_counter()
+                images = self._call(steps)
+                seconds = time.perf_counter() - start
+        finally:
+            if cache is not None:
+                disable_ab_cache(self.pipe)
+            if undo is not None:
+                undo()
+            self.pipe.scheduler = self.default_scheduler
+        return Run(method, family, calls[0] / self.branches, seconds, images)
+
+
+class FlowSetup(Setup):
+    """The class-conditional flow DiT, true CFG (separate cond / uncond calls), FLUX-like shifted grid."""
+
+    branches = 2
+    name = "flow"
+
+    def __init__(self, batch: int = 40, seed: int = 0, guidance_scale: float = 3.0) -> None:
+        self.labels = torch.arange(batch) % 10
+        self.guidance_scale = guidance_scale
+        super().__init__(make_flow_pipeline(), batch, seed)
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        cfg = self.pipe.transformer.config
+        gen = torch.Generator().manual_seed(seed)
+        self.latents = torch.randn(self.batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def _call(self, steps: int) -> np.ndarray:
+        out = self.pipe(
+            self.labels,
+            num_inference_steps=steps,
+            guidance_scale=self.guidance_scale,
+            latents=self.latents,
+            output_type="latent",
+        )
+        return out.images.clamp(-1, 1).float().numpy()
+
+
+class EpsSetup(Setup):
+    """The eps-prediction UNet with diffusers' DDIMPipeline (eta = 0), unconditional."""
+
+    name = "eps"
+
+    def __init__(self, batch: int = 40, seed: int = 0) -> None:
+        super().__init__(make_ddim_pipeline(), batch, seed)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def _call(self, steps: int) -> np.ndarray:
+        gen = torch.Generator().manual_seed(self.seed)
+        out = self.pipe(batch_size=self.batch, generator=gen, num_inference_steps=steps, eta=0.0, output_type="np")
+        return np.asarray(out.images).transpose(0, 3, 1, 2) * 2.0 - 1.0
+
+
+class Scorer:
+    """PSNR / SSIM against a reference run, Frechet distance to the real digits, class accuracy."""
+
+    def __init__(self) -> None:
+        images, _ = load_digits16()
+        self.real = classifier_features(images)
+
+    def score(self, run: Run, reference: Run, labels: Any = None) -> Run:
+        run.scores = {
+            "psnr": psnr(run.images, reference.images, data_range=2.0),
+            "ssim": ssim(run.images, reference.images, data_range=2.0),
+            "fd": frechet_distance(classifier_features(run.images), self.real),
+        }
+        if labels is not None:
+            run.scores["accuracy"] = classifier_accuracy(run.images, labels)
+        return run
+
+
+def diffusers_cache(config: Any) -> Callable[[torch.nn.Module], Callable[[], None]]:
+    """`apply(denoiser) -> undo` for one of diffusers' own caches (`CacheMixin.enable_cache`)."""
+
+    def apply(module: Any) -> Callable[[], None]:
+        module.enable_cache(config)
+        return cast(Callable[[], None], module.disable_cache)
+
+    return apply
+
+
+def _float_lists(text: str) -> list[list[float]]:
+    found = []
+    for line in text.splitlines():
+        try:
+            value = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            found.append([float(v) for v in value])
+    return found
+
+
+def magcache_ratios(setup: Setup, steps: int = STEPS) -> list[float]:
+    """Calibrate diffusers' MagCache on this model (mean over guidance branches).
+
+    Its calibration mode only prints the ratios, so they are read from the captured output.
+    """
+    from diffusers import MagCacheConfig
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        setup.run(
+            "magcache-calibration",
+            "calibration",
+            apply=diffusers_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps)),
+            steps=steps,
+        )
+    lists = [r for r in _float_lists(buffer.getvalue()) if len(r) == steps]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return [float(np.mean(col)) for col in zip(*lists, strict=True)]
