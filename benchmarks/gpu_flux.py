@@ -102,7 +102,9 @@ def main() -> None:
                     cached_out = out
         # one model call against one predicted step (the weighted sum of two stored outputs)
         t = torch.full((1,), 0.5, device=dev, dtype=dtype)
-        call_s, out = timed(lambda: [model(hidden_states=x0, timestep=t, return_dict=False, **kwargs) for _ in range(5)])
+        call_s, out = timed(
+            lambda: [model(hidden_states=x0, timestep=t, return_dict=False, **kwargs) for _ in range(5)]
+        )
         hist = [[out[-1][0]], [out[-2][0]]]
         w = torch.tensor([2.0, -1.0], device=dev)
         pred_s, _ = timed(lambda: [extrapolate(hist, w) for _ in range(50)])

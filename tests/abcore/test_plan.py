@@ -190,7 +190,9 @@ def test_adaptive_mode_cannot_be_planned_ahead() -> None:
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_spacing_binomial_gives_eq_3_6_weights_at_every_predicted_step(order):
-    plan = abcore.make_plan(abcore.ABConfig(order=order, interval=4, warmup=order, spacing="binomial"), shifted_times(40))
+    plan = abcore.make_plan(
+        abcore.ABConfig(order=order, interval=4, warmup=order, spacing="binomial"), shifted_times(40)
+    )
     expected = np.array(abcore.binomial_weights(order), dtype=float)
     predicted = ~plan.compute
     assert predicted.sum() > 10
