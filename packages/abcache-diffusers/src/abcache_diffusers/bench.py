@@ -58,6 +58,10 @@ def flow_methods(setup: FlowSetup, quick: bool) -> list[tuple[str, str, dict[str
         for i in intervals:
             cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k))
             jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
+    for i in intervals:  # the same extrapolation on the step index, as the peers do
+        cache = ABCacheConfig(order=2, interval=i, warmup=2, spacing="index")
+        family = "order 2 on the step index (not AB-Cache's default)"
+        jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
     for most in (3, 5):
         for tol in (0.05, 0.1) if quick else (0.02, 0.05, 0.1, 0.15, 0.2):
             cache = ABCacheConfig(order=2, interval=most + 1, warmup=2, tolerance=tol)
@@ -268,7 +272,9 @@ def render(
     flow, eps = results["flow"], results["eps"]
     ours = _best(flow, lambda r: r.family.startswith("AB-Cache") and r.nfe <= FLOW_TARGET_NFE)
     rivals = []
-    for family in sorted({r.family for r in flow if not r.family.startswith(("AB-Cache", "full"))}):
+    for family in sorted(
+        {r.family for r in flow if not r.family.startswith(("AB-Cache", "full", "order 2 on the step index"))}
+    ):
         best = _best(flow, _matched(family))
         if best is not None:
             rivals.append(best)
@@ -336,7 +342,16 @@ def render(
         "stored outputs; at most `order` outputs per context).",
         "",
     ]
-    if args.gpu_json.exists():
+    if not args.gpu_json.exists():
+        lines += [
+            "## GPU wall clock",
+            "",
+            f"Not measured in this run: `{args.gpu_json.as_posix()}` does not exist. `python benchmarks/gpu_flux.py "
+            f"--out {args.gpu_json.as_posix()}` on a CUDA machine writes it (a large random-init FLUX transformer, "
+            "bf16, full against AB-Cache), and the next `nox -s bench` reports it here.",
+            "",
+        ]
+    else:
         import json
 
         gpu = json.loads(args.gpu_json.read_text())
