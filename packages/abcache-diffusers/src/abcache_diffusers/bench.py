@@ -106,11 +106,11 @@ def eps_methods(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
             jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
     for k in (2, 3):
         cache = ABCacheConfig(order=k, interval=3, warmup=max(2, k), weighting="exp-eps")
-        family = "paper exp. weighting e^-lambda eps"
-        jobs.append((f"{family}, order {k}, interval 3", family, {"cache": cache}))
+        family = f"paper exp. weighting e^-lambda eps, order {k}"
+        jobs.append((f"{family}, interval 3", family, {"cache": cache}))
         cache = ABCacheConfig(order=k, interval=3, warmup=max(2, k), spacing="binomial")
-        family = "paper Eq. 3.6 binomial"
-        jobs.append((f"{family}, order {k}, interval 3", family, {"cache": cache}))
+        family = f"paper Eq. 3.6 binomial, order {k}"
+        jobs.append((f"{family}, interval 3", family, {"cache": cache}))
     for n in (13, 18) if quick else (10, 13, 18, 25):
         jobs.append((f"DDIM, {n} steps", "DDIM, fewer steps", {"steps": n}))
     return jobs
@@ -328,7 +328,7 @@ def render(
             f"- Eps / DDIM 50, interval 3: default `{default.method}` {default.scores['psnr']:.1f} dB vs 18 DDIM "
             f"steps {ddim18.scores['psnr']:.1f} dB: +{gap:.1f} dB (target >= 8 dB: {'met' if gap >= 8 else 'MISSED'}); "
             "paper's exponential weighting: "
-            + ", ".join(f"{r.method.split(', ', 1)[1]} {r.scores['psnr']:.1f} dB" for r in exp)
+            + ", ".join(f"{r.method.split(', ', 1)[1]}: {r.scores['psnr']:.1f} dB" for r in exp)
             + f" ({'met' if all(default.scores['psnr'] > r.scores['psnr'] for r in exp) else 'MISSED'})."
         )
     lines += [
