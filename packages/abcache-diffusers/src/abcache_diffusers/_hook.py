@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from abcache_torch import CacheState, CacheStats
+from abcache_torch import CacheState, CacheStats, input_key
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils.torch_utils import unwrap_module
@@ -56,13 +56,6 @@ class _ContextTracker(StateManager):
     def reset(self, *args: Any, **kwargs: Any) -> None:
         super().reset(*args, **kwargs)
         self.name = None
-
-
-def _input_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple:
-    """Shapes and dtypes of the tensor inputs: a change starts a fresh history."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    tensors += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
-    return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
 def _timestep_value(timestep: Any) -> float:
@@ -268,7 +261,7 @@ class ABCacheHook(ModelHook):
         forward = cast(Callable[..., Any], self.fn_ref.original_forward)
         if engine is None:
             return forward(*args, **kwargs)
-        key = _input_key(args, kwargs)
+        key = input_key(args, kwargs)
         predicted, output = self._predict(engine, time, name, key)
         if predicted:
             return output

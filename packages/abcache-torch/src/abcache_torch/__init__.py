@@ -9,7 +9,7 @@ from abcache_torch._samplers import sample_ddim_eps, sample_flow_euler
 from abcache_torch._state import DEFAULT_CONTEXT, CacheState, accumulation_dtype, extrapolate
 from abcache_torch._stats import CacheStats, ContextStats
 from abcache_torch._tree import TreeDef, flatten
-from abcache_torch._wrapper import TIME_KEYWORDS, ABCache
+from abcache_torch._wrapper import TIME_KEYWORDS, ABCache, input_key
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -22,6 +22,7 @@ __all__ = [
     "accumulation_dtype",
     "extrapolate",
     "flatten",
+    "input_key",
     "sample_ddim_eps",
     "sample_flow_euler",
 ]

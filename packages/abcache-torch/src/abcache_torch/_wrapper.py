@@ -16,7 +16,7 @@ TIME_KEYWORDS = ("timestep", "sigma", "t")
 TimeFn = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 
 
-def _input_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+def input_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
     """Shapes, dtypes and devices of the tensor arguments: a change starts a new generation."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     tensors += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
@@ -163,7 +163,7 @@ class ABCache:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         time = self._time_value(self.read_time(args, kwargs))
-        return self.state.step(time, lambda: self.model(*args, **kwargs), key=_input_key(args, kwargs))
+        return self.state.step(time, lambda: self.model(*args, **kwargs), key=input_key(args, kwargs))
 
     def __repr__(self) -> str:
         name = type(self.model).__name__
