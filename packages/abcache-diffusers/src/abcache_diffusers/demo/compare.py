@@ -67,7 +67,7 @@ def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
 
 
 class Setup:
-    """A pipeline, its fixed inputs and its full-step reference; subclasses say how to call it."""
+    """A pipeline and its fixed inputs (noise, labels); subclasses say how to call it."""
 
     branches = 1
     name = ""
