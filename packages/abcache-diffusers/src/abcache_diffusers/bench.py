@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from abcache_diffusers import ABCacheConfig
+from abcache_diffusers import ABCacheConfig, disable_ab_cache, enable_ab_cache
 from abcache_diffusers.demo.compare import (
     STEPS,
     EpsSetup,
@@ -29,6 +29,7 @@ from abcache_diffusers.demo.compare import (
     Run,
     Scorer,
     Setup,
+    count_calls,
     diffusers_cache,
     magcache_ratios,
 )
@@ -176,10 +177,6 @@ def _timing(setup: FlowSetup, repeats: int) -> dict[str, float]:
 
 def _step_times(setup: FlowSetup, config: ABCacheConfig) -> tuple[float, float]:
     """Median time of a denoiser call that computes, and of one that is predicted, through the hook."""
-    from abcache_diffusers import disable_ab_cache, enable_ab_cache
-
-    from .demo.compare import count_calls
-
     module = setup.denoiser
     enable_ab_cache(setup.pipe, config)
     hooked = module.forward
