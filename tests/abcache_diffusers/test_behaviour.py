@@ -31,6 +31,9 @@ from abcore import ABConfig
         (dict(tolerance=0.1, order=1), "order"),
         (dict(weighting="exponential"), "weighting"),
         (dict(abscissa="t"), "abscissa"),
+        (dict(predictor="paper"), "predictor"),
+        (dict(correct="yes"), "correct"),
+        (dict(predictor="binomial", correct=True), "correct"),
         (dict(min_steps=-1), "min_steps"),
         (dict(force="yes"), "force"),
         (dict(timestep_arg="time step"), "timestep_arg"),
@@ -55,6 +58,8 @@ def test_config_errors_that_need_the_pipeline(tiny):
         enable_ab_cache(flux, 3)
     with pytest.raises(ValueError, match="timestep_arg"):
         enable_ab_cache(flux, ABCacheConfig(timestep_arg="sigma"))
+    with pytest.raises(ValueError, match=r"abscissa=.lambda.*FlowMatchEulerDiscreteScheduler"):
+        enable_ab_cache(flux, ABCacheConfig(abscissa="lambda"))
     assert get_ab_cache_hook(flux.transformer) is None
     enable_ab_cache(flux)
     with pytest.raises(ValueError, match="already applied"):
@@ -86,12 +91,12 @@ def test_few_step_guard_warns_once_and_computes_every_step(tiny):
     assert torch.equal(out, reference)
     assert cache_stats(pipe)["transformer"].contexts["cond"].computed == 8
     disable_ab_cache(pipe)
-    enable_ab_cache(pipe, ABCacheConfig(interval=2, warmup=1, force=True))
+    enable_ab_cache(pipe, ABCacheConfig(interval=2, warmup=1, cooldown=0, force=True))
     calls[0] = 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny.run(pipe, kwargs, num_inference_steps=4)
-    assert calls[0] == 2 * ABConfig(interval=2, warmup=1).num_computed(4) < 8
+    assert calls[0] == 2 * ABConfig(interval=2, warmup=1, cooldown=0).num_computed(4) < 8
 
 
 def test_several_calls_per_step_without_context_get_separate_histories(tiny):
@@ -135,7 +140,7 @@ def test_adaptive_mode_runs_within_its_bounds(tiny):
     calls = tiny.count_forward(pipe.transformer)
     computed = {}
     for tolerance in (10.0, 0.3, 1e-12):
-        enable_ab_cache(pipe, ABCacheConfig(tolerance=tolerance, interval=3, warmup=2))
+        enable_ab_cache(pipe, ABCacheConfig(tolerance=tolerance, interval=3, warmup=2, cooldown=0))
         calls[0] = 0
         out = tiny.run(pipe, kwargs)
         stats = cache_stats(pipe)["transformer"]

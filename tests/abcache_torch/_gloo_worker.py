@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CONFIG = abcore.ABConfig(order=3, interval=4, warmup=2, tolerance=5e-2)
+CONFIG = abcore.ABConfig(order=3, interval=4, warmup=2, cooldown=0, tolerance=5e-2)
 N_STEPS = 30
 
 
@@ -30,23 +30,14 @@ def velocity(x: torch.Tensor, sigma: torch.Tensor, freq: torch.Tensor) -> torch.
 
 def run(x: torch.Tensor, freq: torch.Tensor) -> tuple[list[bool], torch.Tensor]:
     """Sample with the adaptive cache; returns which steps called the model, and the final x."""
-    from abcache_torch import CacheState, sample_flow_euler
+    from abcache_torch import flow_euler_step, sample
 
-    called: list[int] = []
-    step = [0]
-
-    def model(x, sigma, freq):
-        called.append(step[0])
-        return velocity(x, sigma, freq)
-
-    def callback(d):
-        step[0] = d["i"] + 1
+    def model(x, sigma):
+        return velocity(x, torch.full((x.shape[0],), sigma, dtype=x.dtype), freq)
 
     sigmas = torch.linspace(1.0, 0.0, N_STEPS + 1, dtype=torch.float64)
-    out = sample_flow_euler(
-        model, x, sigmas, cache=CacheState(CONFIG), extra_args={"freq": freq}, callback=callback, disable=True
-    )
-    return [i in called for i in range(N_STEPS)], out
+    traj = sample(model, x, sigmas, flow_euler_step, CONFIG)
+    return traj.computed.tolist(), traj.x
 
 
 def worker(rank: int, port: int, outdir: str) -> None:

@@ -1,4 +1,4 @@
-"""CacheState / ABCache numerics: call counts, parity with abcore's reference, memory, pytrees, dtypes."""
+"""CacheEngine / ABCache numerics: call counts, parity with abcore's reference, memory, pytrees, dtypes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import abcore
 import numpy as np
 import pytest
 import torch
-from abcache_torch import ABCache, CacheState, extrapolate, sample_flow_euler
+from abcache_torch import ABCache, CacheEngine, extrapolate, flow_euler_step, sample
 
 
 def flux_sigmas(n: int, shift: float = 3.0) -> np.ndarray:
@@ -38,8 +38,8 @@ class Counting:
         self.times: list[float] = []
         self.dtype = dtype
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tf = float(t.reshape(-1)[0])
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        tf = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
         self.times.append(tf)
         return (torch.sin(3.0 * x) * tf + math.cos(2.0 * tf)).to(self.dtype)
 
@@ -53,9 +53,9 @@ def run_loop(cache, model_times, x0):
 
 
 CONFIGS = [
-    abcore.ABConfig(order=1, interval=2, warmup=1),
-    abcore.ABConfig(order=2, interval=3, warmup=2),
-    abcore.ABConfig(order=2, interval=4, warmup=0),
+    abcore.ABConfig(order=1, interval=2, warmup=1, cooldown=0),
+    abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0),
+    abcore.ABConfig(order=2, interval=4, warmup=0, cooldown=0),
     abcore.ABConfig(order=3, interval=3, warmup=3, cooldown=2),
     abcore.ABConfig(order=4, interval=2, warmup=5, cooldown=1),
 ]
@@ -69,9 +69,11 @@ def test_model_runs_exactly_at_plan_compute_steps(config, kind, announce):
     t = grid(kind, n)
     plan = abcore.make_plan(config, t[:-1])
     model = Counting()
-    if announce == "none" and config.cooldown:
-        plan = abcore.make_plan(dataclasses.replace(config, cooldown=0), t[:-1])  # cool-down needs the length
     kwargs = {"times": t[:-1]} if announce == "times" else {"num_steps": n} if announce == "num_steps" else {}
+    if announce == "none" and config.cooldown:
+        with pytest.raises(ValueError, match="cooldown"):  # cool-down needs the length: refused, not ignored
+            ABCache(model, config)
+        return
     cache = ABCache(model, config, **kwargs)
     run_loop(cache, t, torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(2, 2))
     expected = t[:-1][plan.compute].tolist()
@@ -85,7 +87,7 @@ def test_compute_mask_is_followed():
     mask = (True, True, False, True, False, False, True, False)
     t = grid("equal", len(mask))
     model = Counting()
-    cache = ABCache(model, abcore.ABConfig(order=2, compute_mask=mask), times=t[:-1])
+    cache = ABCache(model, abcore.ABConfig(order=2, compute_mask=mask, cooldown=0), times=t[:-1])
     run_loop(cache, t, torch.ones(1, 3, dtype=torch.float64))
     assert model.times == t[:-1][np.array(mask)].tolist()
 
@@ -101,7 +103,7 @@ def euler_np(x, out, t0, t1):
 @pytest.mark.parametrize(
     "config",
     [
-        abcore.ABConfig(order=2, interval=3, warmup=2),
+        abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0),
         abcore.ABConfig(order=3, interval=4, warmup=3, cooldown=1),
         abcore.ABConfig(order=3, interval=3, warmup=1, tolerance=2e-2),
     ],
@@ -116,13 +118,15 @@ def test_parity_with_abcore_reference_float64(config, path):
     model = Counting()
     xt = torch.tensor(x0)
     if path == "sampler":
-        state = CacheState(config)
-        out = sample_flow_euler(model, xt, torch.tensor(t), cache=state, disable=True)
-    else:
-        grid_kw = {"times": t[:-1]} if path == "wrapper-times" else {"num_steps": n}  # num_steps: cool-down
-        cache = ABCache(model, config, check_finite=True, **grid_kw)
-        state = cache.state
-        out = run_loop(cache, t, xt)
+        traj = sample(model, xt, t, flow_euler_step, config)
+        out, computed = traj.x, traj.computed
+        np.testing.assert_array_equal(computed, ref.computed)
+        assert model.times == t[:-1][ref.computed].tolist()
+        return
+    grid_kw = {"times": t[:-1]} if path == "wrapper-times" else {"num_steps": n}  # num_steps: cool-down
+    cache = ABCache(model, config, check_finite=True, **grid_kw)
+    state = cache.engine
+    out = run_loop(cache, t, xt)
     np.testing.assert_allclose(out.numpy(), ref.x, rtol=1e-10, atol=1e-12)
     assert model.times == t[:-1][ref.computed].tolist()
     assert state.stats.computed == int(ref.computed.sum())
@@ -137,7 +141,9 @@ def test_interval_one_is_identical_to_unwrapped():
     x0 = torch.linspace(-1, 1, 8, dtype=torch.float32).reshape(2, 4)
     plain = run_loop(model, t, x0)
     for order in (1, 2, 3):
-        cached = run_loop(ABCache(Counting(torch.float32), abcore.ABConfig(order=order, interval=1)), t, x0)
+        cached = run_loop(
+            ABCache(Counting(torch.float32), abcore.ABConfig(order=order, interval=1), num_steps=12), t, x0
+        )
         assert torch.equal(cached, plain)
 
 
@@ -151,7 +157,7 @@ def test_history_holds_at_most_order_outputs():
         alive.append(weakref.ref(out))
         return out
 
-    state = CacheState(abcore.ABConfig(order=order, interval=2, warmup=3))
+    state = CacheEngine(abcore.ABConfig(order=order, interval=2, warmup=3, cooldown=0))
     x = torch.ones(4, 4)
     results = []
     for i in range(15):
@@ -206,14 +212,14 @@ class Transformer2DModelOutput(FakeModelOutput):
     ids=["tensor", "tuple", "list-dict", "dict", "namedtuple", "dataclass", "model-output", "model-output-2"],
 )
 def test_pytree_outputs_extrapolate_every_leaf(make):
-    config = abcore.ABConfig(order=2, interval=3, warmup=2)
+    config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0)
     t = [1.0, 0.8, 0.5, 0.3]
     x = torch.arange(6, dtype=torch.float64).reshape(2, 3)
 
     def leaves_at(tv):
         return x * tv**2 + 1.0, torch.full((3,), 2.0 * tv, dtype=torch.float64)
 
-    state = CacheState(config)
+    state = CacheEngine(config)
     outs = [state.step(tv, lambda tv=tv: make(*leaves_at(tv))) for tv in t]
     assert state.stats.computed == 3  # steps 0, 1, 3
     pred = outs[2]
@@ -235,7 +241,7 @@ def test_pytree_outputs_extrapolate_every_leaf(make):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_low_precision_outputs_accumulate_in_float32(dtype):
-    state = CacheState(abcore.ABConfig(order=3, interval=4, warmup=3))
+    state = CacheEngine(abcore.ABConfig(order=3, interval=4, warmup=3, cooldown=0))
     base = torch.linspace(0.1, 3.0, 64)
     times = [1.0, 0.9, 0.75, 0.6]
     hist = []
@@ -252,34 +258,34 @@ def test_low_precision_outputs_accumulate_in_float32(dtype):
 
 
 def test_float64_accumulates_in_float64():
-    state = CacheState(abcore.ABConfig(order=2, interval=3, warmup=2))
+    state = CacheEngine(abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0))
     a = torch.tensor([1.0 + 1e-12], dtype=torch.float64)
     outs = [state.step(tv, lambda tv=tv: a * tv) for tv in (1.0, 0.5, 0.25)]
     assert outs[-1].dtype == torch.float64
     torch.testing.assert_close(outs[-1], a * 0.25, rtol=1e-15, atol=0)
 
 
-def test_device_preserved_and_no_host_read_with_announced_times():
-    """On the meta device any read of tensor data raises: the whole fixed-plan loop never reads one."""
+@pytest.mark.parametrize("correct", [False, True])
+def test_device_preserved_and_no_host_read_in_sample(correct):
+    """On the meta device any read of tensor data raises: `sample` on a fixed plan never reads one."""
     n = 12
     t = grid("shifted", n)
     calls = []
 
     def model(x, sigma):
         calls.append(1)
-        return x * sigma[:, None] + 1.0
+        return x * sigma + 1.0
 
-    cache = ABCache(model, abcore.ABConfig(order=3, interval=3, warmup=3), times=t[:-1])
+    config = abcore.ABConfig(order=3, interval=3, warmup=3, correct=correct)
     x = torch.empty(2, 5, device="meta")
+    steps = abcore.LinearSteps.euler(t)
+    traj = sample(model, x, t, flow_euler_step, config, steps=steps, check_finite=False)
+    assert all(v.device.type == "meta" and v.shape == x.shape and v.dtype == x.dtype for v in traj.outputs)
+    assert len(calls) == int(traj.computed.sum()) < n
+    # ABCache reads every call's time (documented): on the meta device it must touch the data
     sig = torch.tensor(t, device="meta")
-    for i in range(n):
-        v = cache(x, sig[i] * torch.ones(2, device="meta"))
-        assert v.device.type == "meta" and v.shape == x.shape and v.dtype == x.dtype
-        x = x + (t[i + 1] - t[i]) * v
-    assert len(calls) == cache.stats.computed < n
-    # the same loop reading the time (no announced grid) must touch the data: the test can fail
     with pytest.raises((RuntimeError, NotImplementedError)):
-        ABCache(model, abcore.ABConfig())(x, sig[0] * torch.ones(2, device="meta"))
+        ABCache(model, config, times=t[:-1], steps=steps)(x, sig[0] * torch.ones(2, device="meta"))
 
 
 def test_extrapolate_matches_weights_and_rejects_empty_history():
@@ -294,9 +300,9 @@ def test_extrapolate_matches_weights_and_rejects_empty_history():
 def test_predict_and_store_split_a_step_exactly(announce):
     """predict()/store() (the model run by the caller) gives the outputs and counts of step()."""
     times = grid("shifted", 20)[:-1]
-    config = abcore.ABConfig(order=3, interval=3, warmup=3)
-    whole = CacheState(config, times if announce else None)
-    split = CacheState(config, times if announce else None)
+    config = abcore.ABConfig(order=3, interval=3, warmup=3, cooldown=0)
+    whole = CacheEngine(config, times if announce else None)
+    split = CacheEngine(config, times if announce else None)
     calls = 0
     for t in times:
         out = torch.full((2, 3), math.sin(3 * t), dtype=torch.float64)
@@ -312,7 +318,7 @@ def test_predict_and_store_split_a_step_exactly(announce):
 
 
 def test_store_without_a_pending_compute_step_is_an_error():
-    state = CacheState(abcore.ABConfig())
+    state = CacheEngine(abcore.ABConfig(cooldown=0))
     with pytest.raises(ValueError, match="pending"):
         state.store(torch.zeros(2))
     assert state.predict(1.0) == (False, None)

@@ -7,9 +7,9 @@ import math
 import abcore
 import pytest
 import torch
-from abcache_torch import ABCache, CacheState, extrapolate
+from abcache_torch import ABCache, CacheEngine, extrapolate
 
-CONFIG = abcore.ABConfig(order=2, interval=3, warmup=2)
+CONFIG = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0)
 TIMES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # computes steps 0, 1, 3, 6
 
 
@@ -127,7 +127,7 @@ def test_batch_change_starts_new_generation():
 
 def test_output_shape_change_drops_old_history():
     shapes = iter([(2,), (2,), (3,), (3,)])
-    state = CacheState(abcore.ABConfig(order=2, interval=2, warmup=1))
+    state = CacheEngine(abcore.ABConfig(order=2, interval=2, warmup=1, cooldown=0))
     outs = [state.step(t, lambda t=t: torch.full(next(shapes), t)) for t in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]
     # steps: 0 C, 1 P, 2 C, 3 P, ... with warmup 1 interval 2; forcing shapes through computed steps
     assert [o.shape for o in outs] == [(2,), (2,), (2,), (2,), (3,), (3,)]
@@ -137,7 +137,9 @@ def test_output_shape_change_drops_old_history():
 
 def test_non_finite_prediction_falls_back_and_is_counted():
     values = {1.0: 1.0, 0.9: 1e308, 0.8: 5.0, 0.7: 7.0}
-    state = CacheState(abcore.ABConfig(order=2, interval=4, warmup=2))  # computes 0, 1, 4: steps 2, 3 predicted
+    state = CacheEngine(
+        abcore.ABConfig(order=2, interval=4, warmup=2, cooldown=0)
+    )  # computes 0, 1, 4: steps 2, 3 predicted
     calls = []
 
     def compute(t):
@@ -155,7 +157,7 @@ def test_non_finite_prediction_falls_back_and_is_counted():
 def test_non_finite_fallback_with_announced_plan_replans():
     values = [1.0, 1e308, 5.0, 6.0, 7.0, 8.0]
     times = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
-    state = CacheState(abcore.ABConfig(order=2, interval=4, warmup=2), times)
+    state = CacheEngine(abcore.ABConfig(order=2, interval=4, warmup=2, cooldown=0), times)
     calls = []
 
     def compute(i):
@@ -171,7 +173,7 @@ def test_non_finite_fallback_with_announced_plan_replans():
 
 def test_adaptive_records_max_error_of_accepted_predictions():
     tolerance = 3e-2
-    state = CacheState(abcore.ABConfig(order=3, interval=5, warmup=1, tolerance=tolerance))
+    state = CacheEngine(abcore.ABConfig(order=3, interval=5, warmup=1, cooldown=0, tolerance=tolerance))
     for t in [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]:
         state.step(t, lambda t=t: torch.tensor([math.exp(t), t]))
     assert (state.stats.computed, state.stats.predicted) == (6, 4)
@@ -182,7 +184,7 @@ def test_adaptive_records_max_error_of_accepted_predictions():
 
 
 def test_stats_repr_and_properties():
-    state = CacheState(CONFIG)
+    state = CacheEngine(CONFIG)
     for t in TIMES:
         state.step(t, lambda t=t: torch.tensor([t]))
     s = state.stats
@@ -204,20 +206,24 @@ def test_stats_repr_and_properties():
         (lambda: abcore.ABConfig(interval=0), ValueError, "interval"),
         (lambda: ABCache(lambda x, t: x, {"order": 2}), TypeError, "config"),
         (lambda: ABCache(3, CONFIG), TypeError, "model"),
-        (lambda: ABCache(lambda x, t: x, time_arg=1.5), TypeError, "time_arg"),
-        (lambda: ABCache(lambda x, t: x, time_arg=-1), ValueError, "time_arg"),
-        (lambda: ABCache(lambda x, t: x, time_arg=1, time_fn=lambda a, k: 0), ValueError, "time_fn"),
+        (lambda: ABCache(lambda x, t: x, CONFIG, time_arg=1.5), TypeError, "time_arg"),
+        (lambda: ABCache(lambda x, t: x, CONFIG, time_arg=-1), ValueError, "time_arg"),
+        (lambda: ABCache(lambda x, t: x, CONFIG, time_arg=1, time_fn=lambda a, k: 0), ValueError, "time_fn"),
         (lambda: ABCache(lambda x, t: x, times=[1.0, float("nan")]), ValueError, "times"),
         (lambda: ABCache(lambda x, t: x, times=[1.0, 0.5, 0.7]), ValueError, "times"),
-        (lambda: CacheState(CONFIG, num_steps=0), ValueError, "num_steps"),
-        (lambda: ABCache(lambda x, t: x)(torch.ones(1), float("inf")), ValueError, "time"),
-        (lambda: ABCache(lambda x, t: x)(torch.ones(1), "1.0"), TypeError, "time"),
-        (lambda: ABCache(lambda x, t: x)(torch.ones(1)), TypeError, "time_arg"),
-        (lambda: ABCache(lambda x, t: x)(torch.ones(2), torch.tensor([1.0, 0.5])), ValueError, "time"),
-        (lambda: ABCache(lambda x, t: "text")(torch.ones(1), 1.0), TypeError, "output"),
-        (lambda: ABCache(lambda x, t: torch.ones(1, dtype=torch.long))(torch.ones(1), 1.0), TypeError, "output"),
-        (lambda: CacheState(CONFIG).step(None, lambda: torch.ones(1)), ValueError, "time"),
-        (lambda: CacheState(CONFIG, [1.0, 0.5]).step(0.7, lambda: torch.ones(1)), ValueError, "time"),
+        (lambda: CacheEngine(CONFIG, num_steps=0), ValueError, "num_steps"),
+        (lambda: ABCache(lambda x, t: x, CONFIG)(torch.ones(1), float("inf")), ValueError, "time"),
+        (lambda: ABCache(lambda x, t: x, CONFIG)(torch.ones(1), "1.0"), TypeError, "time"),
+        (lambda: ABCache(lambda x, t: x, CONFIG)(torch.ones(1)), TypeError, "time_arg"),
+        (lambda: ABCache(lambda x, t: x, CONFIG)(torch.ones(2), torch.tensor([1.0, 0.5])), ValueError, "time"),
+        (lambda: ABCache(lambda x, t: "text", CONFIG)(torch.ones(1), 1.0), TypeError, "output"),
+        (
+            lambda: ABCache(lambda x, t: torch.ones(1, dtype=torch.long), CONFIG)(torch.ones(1), 1.0),
+            TypeError,
+            "output",
+        ),
+        (lambda: CacheEngine(CONFIG).step(None, lambda: torch.ones(1)), ValueError, "time"),
+        (lambda: CacheEngine(CONFIG, [1.0, 0.5]).step(0.7, lambda: torch.ones(1)), ValueError, "time"),
         (lambda: extrapolate([], torch.ones(2)), ValueError, "history"),
     ],
 )

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from fractions import Fraction
 
-import abcore
 import pytest
 from abcore import __main__ as cli
+from abcore import theory
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,8 +34,8 @@ def test_verify_rejects_bad_k(bad: str) -> None:
 
 
 def test_verify_exits_non_zero_when_proposition_2_fails(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    def tampered(k: int) -> abcore.Proposition2Report:
-        report = abcore.verify_proposition_2(k)
+    def tampered(k: int) -> theory.Proposition2Report:
+        report = theory.verify_proposition_2(k)
         return dataclasses.replace(
             report, differences=(report.differences[0] + Fraction(1, 7), *report.differences[1:])
         )
@@ -71,4 +71,4 @@ def test_import_abcore_loads_neither_torch_nor_jax() -> None:
 def test_abcore_installs_without_torch_or_jax() -> None:
     assert importlib.util.find_spec("torch") is None
     assert importlib.util.find_spec("jax") is None
-    assert abcore.verify_proposition_2(3)
+    assert theory.verify_proposition_2(3)

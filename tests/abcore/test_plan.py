@@ -7,8 +7,8 @@ from math import comb
 import abcore
 import numpy as np
 import pytest
-from abcore import _convergence
-from hypothesis import given, settings
+from abcore import _convergence, theory
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -28,8 +28,14 @@ configs = st.builds(
 )
 
 
+def test_default_schedule_on_50_steps_computes_the_tail() -> None:
+    plan = abcore.make_plan(abcore.ABConfig(), shifted_times(50))
+    assert np.flatnonzero(plan.compute).tolist() == [0, 1, *range(5, 50, 5), 46, 47, 48, 49]
+    assert plan.num_computed == 15 == abcore.ABConfig().num_computed(50)
+
+
 def test_paper_default_schedule_on_50_steps() -> None:
-    config = abcore.ABConfig(order=2, interval=3, warmup=2)
+    config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0)
     plan = abcore.make_plan(config, shifted_times(50))
     expected = [0, 1, *range(3, 50, 3)]
     assert expected[-1] == 48
@@ -41,6 +47,7 @@ def test_paper_default_schedule_on_50_steps() -> None:
 @SETTINGS
 @given(config=configs, n=st.integers(1, 60))
 def test_schedule_invariants(config: abcore.ABConfig, n: int) -> None:
+    assume(n >= max(config.warmup, config.cooldown))
     plan = abcore.make_plan(config, shifted_times(n))
     first = max(config.warmup, 1)
     assert plan.compute[:first].all()
@@ -62,6 +69,7 @@ def test_schedule_invariants(config: abcore.ABConfig, n: int) -> None:
 def test_predictions_use_the_last_computed_outputs_at_their_real_times(
     config: abcore.ABConfig, n: int, increasing: bool
 ) -> None:
+    assume(n >= max(config.warmup, config.cooldown))
     times = shifted_times(n)
     times = -times if increasing else times
     plan = abcore.make_plan(config, times)
@@ -81,26 +89,26 @@ def test_predictions_use_the_last_computed_outputs_at_their_real_times(
 
 @SETTINGS
 @given(config=configs, n=st.integers(1, 40))
-def test_make_plan_is_the_step_by_step_fold(config: abcore.ABConfig, n: int) -> None:
+def test_make_plan_is_the_fold_of_the_rule(config: abcore.ABConfig, n: int) -> None:
+    assume(n >= max(config.warmup, config.cooldown))
     times = shifted_times(n)
     plan = abcore.make_plan(config, times)
-    for num_steps in (n, None):
-        if num_steps is None and config.cooldown:
-            continue  # the cool-down needs the number of steps
-        state = abcore.PlannerState()
-        for i, t in enumerate(times):
-            decision = abcore.plan_step(config, state, t, num_steps)
-            assert decision.index == i and decision.time == t
-            assert decision.compute == plan.compute[i]
+    state = abcore.init_state(config, config.max_run)
+    for i, t in enumerate(times):
+        decision = abcore.decide(config, state, t, config.forced_compute(i, n))
+        assert decision.compute == plan.compute[i]
+        if decision.compute:
+            state = abcore.after_computed(state, t)
+        else:
             np.testing.assert_array_equal(decision.weights, plan.weights[i])
-            assert list(decision.sources) == [s for s in plan.sources[i] if s >= 0]
-            state = abcore.record(config, state, decision, decision.compute)
-        assert state.step == n
+            state = abcore.after_predicted(state, t, 1.0, 1.0)
+    assert not plan.corrections.any()  # no steps given: no correction
 
 
 @SETTINGS
 @given(config=configs, n=st.integers(1, 40))
 def test_sample_executes_the_plan(config: abcore.ABConfig, n: int) -> None:
+    assume(n >= max(config.warmup, config.cooldown))
     ode, euler = _convergence.nonlinear_ode(), _convergence._euler
     times = _convergence.make_grid("shifted", n)
     calls: list[float] = []
@@ -137,29 +145,17 @@ def test_early_prediction_from_fewer_outputs_caps_the_order() -> None:
     np.testing.assert_allclose(plan.weights[5], abcore.extrapolation_weights([0.2, 0.6, 1.0], 0.1))
 
 
-def test_new_generation_is_detected() -> None:
-    config = abcore.ABConfig()
-    state = abcore.PlannerState()
-    for t in (1.0, 0.9):
-        state = abcore.record(config, state, abcore.plan_step(config, state, t), True)
-    assert not state.is_new_generation(0.8)
-    assert state.is_new_generation(1.0)
-    assert state.is_new_generation(0.9)
-    with pytest.raises(ValueError, match="time"):
-        abcore.plan_step(config, state, 0.95)
-
-
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("h", [0.05, 0.3])
 def test_exp_eps_weighting_on_equal_lambda_grid_is_eq_3_6(k: int, h: float) -> None:
     lambdas = -2.0 + h * np.arange(k + 3)  # lambda increases during sampling
-    config = abcore.ABConfig(order=k, interval=k + 2, warmup=k, weighting="exp-eps")
+    config = abcore.ABConfig(order=k, interval=k + 2, warmup=k, cooldown=0, weighting="exp-eps")
     plan = abcore.make_plan(config, lambdas)
     assert not plan.compute[k]
     expected = [comb(k, i) * (-1) ** (i + 1) * np.exp(i * h) for i in range(1, k + 1)]
     np.testing.assert_allclose(plan.weights[k], expected, rtol=1e-12)
     w, _ = abcore.history_weights(lambdas[k - 1 :: -1][:k], np.ones(k, bool), lambdas[k], k, "exp-x0")
-    np.testing.assert_allclose(w, [b * np.exp(-i * h) for i, b in enumerate(abcore.binomial_weights(k), 1)])
+    np.testing.assert_allclose(w, [b * np.exp(-i * h) for i, b in enumerate(theory.binomial_weights(k), 1)])
 
 
 @SETTINGS
@@ -189,21 +185,21 @@ def test_adaptive_mode_cannot_be_planned_ahead() -> None:
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
-def test_spacing_binomial_gives_eq_3_6_weights_at_every_predicted_step(order):
+def test_binomial_predictor_gives_eq_3_6_weights_at_every_predicted_step(order):
     plan = abcore.make_plan(
-        abcore.ABConfig(order=order, interval=4, warmup=order, spacing="binomial"), shifted_times(40)
+        abcore.ABConfig(order=order, interval=4, warmup=order, predictor="binomial"), shifted_times(40)
     )
-    expected = np.array(abcore.binomial_weights(order), dtype=float)
+    expected = np.array(theory.binomial_weights(order), dtype=float)
     predicted = ~plan.compute
     assert predicted.sum() > 10
     np.testing.assert_array_equal(plan.weights[predicted], np.broadcast_to(expected, (predicted.sum(), order)))
 
 
 @pytest.mark.parametrize("order", [2, 3])
-def test_spacing_index_uses_step_indices_and_time_uses_real_times(order):
+def test_index_abscissa_uses_step_indices_and_time_uses_real_times(order):
     times = shifted_times(40)
     config = abcore.ABConfig(order=order, interval=3, warmup=order)
-    by_index = abcore.make_plan(abcore.ABConfig(order=order, interval=3, warmup=order, spacing="index"), times)
+    by_index = abcore.make_plan(abcore.ABConfig(order=order, interval=3, warmup=order, abscissa="index"), times)
     by_time = abcore.make_plan(config, times)
     np.testing.assert_array_equal(by_index.compute, by_time.compute)
     for i in np.flatnonzero(~by_time.compute):
@@ -214,8 +210,12 @@ def test_spacing_index_uses_step_indices_and_time_uses_real_times(order):
     assert not np.allclose(by_index.weights, by_time.weights)
 
 
-def test_spacing_other_than_time_needs_the_fixed_schedule():
-    with pytest.raises(ValueError, match="spacing"):
-        abcore.ABConfig(order=2, tolerance=0.1, spacing="index")
-    with pytest.raises(ValueError, match="spacing"):
-        abcore.ABConfig(spacing="sigma")
+def test_config_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="predictor"):
+        abcore.ABConfig(order=2, tolerance=0.1, predictor="binomial")
+    with pytest.raises(ValueError, match="abscissa"):
+        abcore.ABConfig(weighting="exp-eps", abscissa="index")  # accepted before: weights [5.44, -7.39]
+    with pytest.raises(ValueError, match="predictor"):
+        abcore.ABConfig(predictor="binomial", correct=True)
+    with pytest.raises(ValueError, match="tolerance"):
+        abcore.ABConfig(max_predicted=3)  # a bound of the adaptive mode, silently ignored before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abcore
 import numpy as np
 import pytest
+from abcore import theory
 
 ALPHAS_CUMPROD = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # DDPM linear schedule
 
@@ -21,7 +22,7 @@ def test_lambda_from_sigma_is_minus_log_sigma() -> None:
 
 
 def test_scale_factor_is_u_shaped_on_a_ddpm_schedule() -> None:
-    r = abcore.scale_factor_curve(ALPHAS_CUMPROD, np.arange(980, -1, -20))
+    r = theory.scale_factor_curve(ALPHAS_CUMPROD, np.arange(980, -1, -20))
     assert r.shape == (48,)
     deviation = np.abs(r - 1.0)
     n = r.size
@@ -40,7 +41,7 @@ def test_scale_factor_tends_to_one_for_small_steps() -> None:
     for h, bound in [(1e-2, 2e-2), (1e-3, 2e-3), (1e-4, 2e-4)]:
         lam_t = lam + 2 * h  # lambda_o = lam, lambda_s = lam + h, lambda_t = lam + 2h
         alpha_t, sigma_t = 1 / np.sqrt(1 + np.exp(-2 * lam_t)), 1 / np.sqrt(1 + np.exp(2 * lam_t))
-        assert abs(abcore.scale_factor(alpha_t, sigma_t, lam, h) - 1.0) < bound
+        assert abs(theory.scale_factor(alpha_t, sigma_t, lam, h) - 1.0) < bound
 
 
 @pytest.mark.parametrize("bad", [[0.5, 1.0], [0.0, 0.5], [-0.1]])

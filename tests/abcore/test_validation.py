@@ -7,6 +7,7 @@ import math
 import abcore
 import numpy as np
 import pytest
+from abcore import theory
 
 TIMES = np.linspace(1.0, 0.1, 10)
 
@@ -66,18 +67,35 @@ def test_compute_mask_must_match_the_grid() -> None:
 
 def test_sample_rejects_bad_times() -> None:
     step = lambda x, out, t0, t1: x  # noqa: E731
-    for times in ([1.0], [1.0, 0.5, 0.7], [1.0, math.nan]):
-        with pytest.raises(ValueError, match="times"):
+    for times in ([1.0], [1.0, 0.5, 0.7], [1.0, math.nan], ["1.0", "0.5"]):
+        with pytest.raises(ValueError, match="grid"):
             abcore.sample(lambda x, t: x, np.zeros(2), times, step, abcore.ABConfig())
 
 
-def test_plan_step_rejects_bad_time_and_overrun() -> None:
-    config = abcore.ABConfig()
-    with pytest.raises(ValueError, match="time"):
-        abcore.plan_step(config, abcore.PlannerState(), math.nan)
-    state = abcore.record(config, abcore.PlannerState(), abcore.plan_step(config, abcore.PlannerState(), 1.0, 1), True)
-    with pytest.raises(ValueError, match="num_steps"):
-        abcore.plan_step(config, state, 0.5, 1)
+def test_schedules_that_do_not_fit_the_run_are_refused() -> None:
+    times = np.linspace(1.0, 0.1, 30)
+    with pytest.raises(ValueError, match="warmup=40"):
+        abcore.make_plan(abcore.ABConfig(warmup=40), times)
+    with pytest.raises(ValueError, match="cooldown=31"):
+        abcore.make_plan(abcore.ABConfig(cooldown=31), times)
+    with pytest.raises(ValueError, match="compute_mask"):
+        abcore.make_plan(abcore.ABConfig(compute_mask=(True, False)), times)
+    with pytest.raises(ValueError, match="number of steps"):
+        abcore.ABConfig(cooldown=2).forced_compute(3)
+
+
+@pytest.mark.parametrize(("order", "interval"), [(10, 3), (2, 100), (4, 5)])
+def test_plans_that_amplify_noise_into_garbage_warn(order: int, interval: int) -> None:
+    config = abcore.ABConfig(order=order, interval=interval, warmup=2, cooldown=0)
+    with pytest.warns(UserWarning, match=f"order={order}, interval={interval}"):
+        abcore.make_plan(config, np.linspace(1.0, 0.1, 30))
+
+
+def test_numpy_bool_mask_and_string_times() -> None:
+    config = abcore.ABConfig(compute_mask=tuple(np.array([True, False, True])))
+    assert config.compute_mask == (True, False, True) and all(type(m) is bool for m in config.compute_mask)
+    with pytest.raises(ValueError, match="times must be real numbers"):
+        abcore.make_plan(abcore.ABConfig(), ["a", "b"])
 
 
 @pytest.mark.parametrize("nodes", [[], [1.0, 1.0], [0.0, math.nan], [[0.0, 1.0]]], ids=["empty", "dup", "nan", "2-d"])
@@ -85,18 +103,18 @@ def test_weight_functions_reject_bad_nodes(nodes: list) -> None:
     with pytest.raises(ValueError, match="nodes"):
         abcore.extrapolation_weights(nodes, 2.0)
     with pytest.raises(ValueError, match="nodes"):
-        abcore.multistep_weights(nodes, 0.0, 1.0)
+        theory.multistep_weights(nodes, 0.0, 1.0)
 
 
 def test_weight_functions_reject_non_finite_targets() -> None:
     with pytest.raises(ValueError, match="target"):
         abcore.extrapolation_weights([0.0, 1.0], math.nan)
     with pytest.raises(ValueError, match="t_from"):
-        abcore.multistep_weights([0.0, 1.0], math.inf, 1.0)
+        theory.multistep_weights([0.0, 1.0], math.inf, 1.0)
 
 
 @pytest.mark.parametrize(
-    "function", [abcore.adams_bashforth_weights, abcore.binomial_weights, abcore.verify_proposition_2]
+    "function", [theory.adams_bashforth_weights, theory.binomial_weights, theory.verify_proposition_2]
 )
 @pytest.mark.parametrize("k", [0, -1, 1.5, True])
 def test_order_functions_reject_bad_k(function, k) -> None:
@@ -106,7 +124,7 @@ def test_order_functions_reject_bad_k(function, k) -> None:
 
 def test_backward_difference_coefficient_rejects_negative() -> None:
     with pytest.raises(ValueError, match="k"):
-        abcore.backward_difference_coefficient(-1)
+        theory.backward_difference_coefficient(-1)
 
 
 def test_num_computed_rejects_bad_num_steps() -> None:

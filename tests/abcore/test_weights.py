@@ -11,6 +11,7 @@ from typing import Any
 import abcore
 import numpy as np
 import pytest
+from abcore import theory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,7 +55,7 @@ def ab_from_order_conditions(k: int) -> tuple[Fraction, ...]:
 @pytest.mark.parametrize("k", range(1, 9))
 def test_adams_bashforth_weights_match_tables_and_order_conditions(k: int) -> None:
     numerators, denominator = KNOWN_AB[k]
-    weights = abcore.adams_bashforth_weights(k)
+    weights = theory.adams_bashforth_weights(k)
     assert all(isinstance(b, Fraction) for b in weights)
     assert weights == tuple(Fraction(p, denominator) for p in numerators)
     assert weights == ab_from_order_conditions(k)
@@ -63,7 +64,7 @@ def test_adams_bashforth_weights_match_tables_and_order_conditions(k: int) -> No
 
 @pytest.mark.parametrize("k", range(1, 13))
 def test_order_conditions_hold_exactly(k: int) -> None:
-    weights = abcore.adams_bashforth_weights(k)
+    weights = theory.adams_bashforth_weights(k)
     for q in range(k):
         assert sum(b * Fraction(-j) ** q for j, b in enumerate(weights)) == Fraction(1, q + 1)
     # ...and fail at q = k: the method is of order k, not more.
@@ -71,32 +72,32 @@ def test_order_conditions_hold_exactly(k: int) -> None:
 
 
 def test_binomial_weights_are_eq_3_6() -> None:
-    assert abcore.binomial_weights(1) == (1,)
-    assert abcore.binomial_weights(2) == (2, -1)
-    assert abcore.binomial_weights(3) == (3, -3, 1)
-    assert abcore.binomial_weights(5) == (5, -10, 10, -5, 1)
+    assert theory.binomial_weights(1) == (1,)
+    assert theory.binomial_weights(2) == (2, -1)
+    assert theory.binomial_weights(3) == (3, -3, 1)
+    assert theory.binomial_weights(5) == (5, -10, 10, -5, 1)
     for k in range(1, 10):
-        assert sum(abcore.binomial_weights(k)) == 1
+        assert sum(theory.binomial_weights(k)) == 1
 
 
 @pytest.mark.parametrize("k", range(1, 13))
 def test_proposition_2_holds(k: int) -> None:
-    report = abcore.verify_proposition_2(k)
+    report = theory.verify_proposition_2(k)
     assert report
-    assert report.recursion == tuple(Fraction(w) for w in abcore.binomial_weights(k))
-    lower = (*abcore.adams_bashforth_weights(k), Fraction(0))
-    upper = abcore.adams_bashforth_weights(k + 1)
+    assert report.recursion == tuple(Fraction(w) for w in theory.binomial_weights(k))
+    lower = (*theory.adams_bashforth_weights(k), Fraction(0))
+    upper = theory.adams_bashforth_weights(k + 1)
     assert report.differences == tuple(u - v for u, v in zip(upper, lower, strict=True))
     assert report.differences == tuple(report.gamma * (-1) ** j * comb(k, j) for j in range(k + 1))
 
 
 def test_backward_difference_coefficients() -> None:
-    assert tuple(abcore.backward_difference_coefficient(m) for m in range(6)) == KNOWN_GAMMA
-    assert abcore.verify_proposition_2(4).gamma == Fraction(251, 720)
+    assert tuple(theory.backward_difference_coefficient(m) for m in range(6)) == KNOWN_GAMMA
+    assert theory.verify_proposition_2(4).gamma == Fraction(251, 720)
 
 
 def test_proposition_2_report_is_falsy_when_tampered() -> None:
-    report = abcore.verify_proposition_2(5)
+    report = theory.verify_proposition_2(5)
     wrong_difference = (report.differences[0] + Fraction(1, 1000), *report.differences[1:])
     assert not dataclasses.replace(report, differences=wrong_difference)
     wrong_recursion = (report.recursion[0], -report.recursion[1], *report.recursion[2:])
@@ -142,7 +143,7 @@ def draw_case(data: st.DataObject, nodes: np.ndarray) -> tuple[PolynomialCase, C
 def test_multistep_weights_integrate_polynomials_exactly(data: st.DataObject, nodes: np.ndarray) -> None:
     case, point = draw_case(data, nodes)
     t_from, t_to = point(), point()
-    w = abcore.multistep_weights(nodes, t_from, t_to)
+    w = theory.multistep_weights(nodes, t_from, t_to)
     values = case.poly(case.local(nodes))
     antiderivative = case.poly.integ()
     exact = case.spread * (antiderivative(case.local(t_to)) - antiderivative(case.local(t_from)))
@@ -154,15 +155,15 @@ def test_multistep_weights_integrate_polynomials_exactly(data: st.DataObject, no
 @given(k=st.integers(1, 8), t0=st.floats(-100, 100), h=st.floats(1e-3, 10))
 def test_multistep_weights_on_equal_nodes_are_h_times_adams_bashforth(k: int, t0: float, h: float) -> None:
     nodes = t0 - h * np.arange(k)
-    w = abcore.multistep_weights(nodes, t0, t0 + h)
-    expected = h * np.array([float(b) for b in abcore.adams_bashforth_weights(k)])
+    w = theory.multistep_weights(nodes, t0, t0 + h)
+    expected = h * np.array([float(b) for b in theory.adams_bashforth_weights(k)])
     np.testing.assert_allclose(w, expected, rtol=1e-9, atol=1e-12 * h * 2**k)
     # Integrating backward (decreasing times, as samplers do) flips the sign only.
-    np.testing.assert_allclose(abcore.multistep_weights(-nodes, -t0, -t0 - h), -expected, rtol=1e-9, atol=1e-9 * h)
+    np.testing.assert_allclose(theory.multistep_weights(-nodes, -t0, -t0 - h), -expected, rtol=1e-9, atol=1e-9 * h)
 
 
 def test_multistep_weights_single_node_is_the_step() -> None:
-    np.testing.assert_array_equal(abcore.multistep_weights([0.5], 0.5, 0.25), [-0.25])
+    np.testing.assert_array_equal(theory.multistep_weights([0.5], 0.5, 0.25), [-0.25])
 
 
 @SETTINGS
@@ -182,10 +183,10 @@ def test_extrapolation_weights_reproduce_polynomials(data: st.DataObject, nodes:
 @pytest.mark.parametrize("target", [0.0, 7.25, -3.5])
 def test_extrapolation_weights_on_unit_steps_are_binomial(k: int, target: float) -> None:
     w = abcore.extrapolation_weights(target - np.arange(1, k + 1), target)
-    np.testing.assert_allclose(w, abcore.binomial_weights(k), rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(w, theory.binomial_weights(k), rtol=1e-12, atol=1e-10)
     # The spacing does not matter, only the ratios: same weights on h-spaced decreasing nodes.
     w_h = abcore.extrapolation_weights(target + 0.01 * np.arange(1, k + 1), target)
-    np.testing.assert_allclose(w_h, abcore.binomial_weights(k), rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(w_h, theory.binomial_weights(k), rtol=1e-9, atol=1e-8)
 
 
 def test_extrapolation_weights_at_a_node_are_its_unit_vector() -> None:

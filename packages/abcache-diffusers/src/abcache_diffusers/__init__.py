@@ -8,7 +8,7 @@ image = pipe(prompt).images[0]
 from abcache_diffusers._config import ABSCISSAS, ABCacheConfig
 from abcache_diffusers._hook import AB_CACHE_HOOK, ABCacheHook, apply_ab_cache, get_ab_cache_hook, remove_ab_cache
 from abcache_diffusers._pipeline import cache_stats, denoisers, disable_ab_cache, enable_ab_cache, summary
-from abcache_diffusers._spacing import abscissa_grid, resolve_abscissa
+from abcache_diffusers._spacing import abscissa_grid, linear_steps, resolve_abscissa
 
 __all__ = [
     "ABSCISSAS",
@@ -22,8 +22,9 @@ __all__ = [
     "disable_ab_cache",
     "enable_ab_cache",
     "get_ab_cache_hook",
+    "linear_steps",
     "remove_ab_cache",
     "resolve_abscissa",
     "summary",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from abcore import WEIGHTINGS, ABConfig
+from abcore import PREDICTORS, WEIGHTINGS, ABConfig
 
 Abscissa = Literal["auto", "sigma", "lambda", "timestep", "index"]
 ABSCISSAS: tuple[str, ...] = ("auto", "sigma", "lambda", "timestep", "index")
@@ -21,7 +21,8 @@ _AB_FIELDS = (
     "tolerance",
     "max_predicted",
     "weighting",
-    "spacing",
+    "predictor",
+    "correct",
 )
 
 
@@ -40,13 +41,13 @@ class ABCacheConfig:
     Args:
         order (`int`, defaults to `2`):
             Number of computed outputs each prediction combines (k; error O(h^k)).
-        interval (`int`, defaults to `3`):
+        interval (`int`, defaults to `5`):
             One computed step every `interval` steps after the warm-up (`1` computes every step). In adaptive mode,
             the default bound on consecutive predictions is `interval - 1`.
         warmup (`int`, defaults to `2`):
             Leading steps that always compute (at least the first one does).
-        cooldown (`int`, defaults to `0`):
-            Trailing steps that always compute.
+        cooldown (`int`, defaults to `4`):
+            Trailing steps that always compute (their extrapolated outputs would be the least accurate).
         compute_mask (`tuple[bool, ...]`, *optional*):
             Explicit per-step compute flags replacing the fixed schedule; must start with `True` and have one entry
             per denoising step of the call.
@@ -59,15 +60,19 @@ class ABCacheConfig:
             What is extrapolated. `"plain"`: the model output itself. `"exp-eps"` / `"exp-x0"`: the paper's
             exponential weighting (Eq. 3.6) for epsilon / sample prediction, on the lambda abscissa. `"exp"` picks one
             of the two from the scheduler's `prediction_type`.
-        spacing (`str`, defaults to `"time"`):
-            The extrapolation nodes: `"time"` (the computed outputs' real step times on the abscissa below),
-            `"index"` (their step numbers) or `"binomial"` (the paper's equal-step Eq. 3.6 applied to the last
-            computed outputs as if consecutive). The last two exist for comparison.
+        predictor (`str`, defaults to `"lagrange"`):
+            `"lagrange"`: Lagrange extrapolation on the abscissa below. `"binomial"`: the paper's equal-step Eq. 3.6,
+            applied to the last computed outputs as if they were consecutive (for comparison; fixed schedule only).
+        correct (`bool`, *optional*):
+            Correct the predicted steps once the next output is computed, through the scheduler's step
+            coefficients (`abcore.LinearSteps`). `None` (default): wherever the scheduler's step is linear in the
+            model output (FlowMatchEuler, DDIM without clipping, Euler); `True`: required, a `ValueError` names the
+            scheduler where it is not; `False`: never.
         abscissa (`str`, defaults to `"auto"`):
             The step time predictions extrapolate on. `"auto"`: sigma for flow-matching schedulers, lambda for
             schedulers with `alphas_cumprod` or VP/VE sigmas, the timestep otherwise. `"sigma"`, `"lambda"`,
-            `"timestep"` (the scheduler's timestep value) and `"index"` (the step number, as index-based caches do)
-            force one.
+            `"timestep"` (the scheduler's timestep value) and `"index"` (the step number, as index-based caches do;
+            abcore's `abscissa="index"`) force one.
         min_steps (`int`, defaults to `10`):
             Few-step guard: a call with fewer denoising steps than this (distilled 1-8 step models) computes every
             step, with a warning, unless `force=True`. Extrapolating over such coarse grids is inaccurate.
@@ -81,7 +86,7 @@ class ABCacheConfig:
     ```python
     >>> from abcache_diffusers import ABCacheConfig, enable_ab_cache
 
-    >>> enable_ab_cache(pipe, ABCacheConfig(order=2, interval=3, warmup=2))
+    >>> enable_ab_cache(pipe, ABCacheConfig(order=2, interval=4, warmup=2, cooldown=2))
     >>> image = pipe(prompt, num_inference_steps=28).images[0]
     ```
     """
@@ -95,20 +100,23 @@ class ABCacheConfig:
     tolerance: float | None = _AB_DEFAULTS.tolerance
     max_predicted: int | None = _AB_DEFAULTS.max_predicted
     weighting: str = _AB_DEFAULTS.weighting
-    spacing: str = _AB_DEFAULTS.spacing
+    predictor: str = _AB_DEFAULTS.predictor
+    correct: bool | None = _AB_DEFAULTS.correct
     abscissa: Abscissa = "auto"
     min_steps: int = 10
     force: bool = False
     timestep_arg: str = "timestep"
 
     def __post_init__(self) -> None:
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.abscissa not in ABSCISSAS:
+            raise ValueError(f"abscissa must be one of {ABSCISSAS}, got {self.abscissa!r}")
         if self.weighting not in CONFIG_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {CONFIG_WEIGHTINGS}, got {self.weighting!r}")
         # abcore validates its own fields and names them in its errors.
         ab = self.to_ab_config("plain" if self.weighting == "exp" else self.weighting)
         object.__setattr__(self, "compute_mask", ab.compute_mask)
-        if self.abscissa not in ABSCISSAS:
-            raise ValueError(f"abscissa must be one of {ABSCISSAS}, got {self.abscissa!r}")
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise ValueError(f"min_steps must be a non-negative int, got {self.min_steps!r}")
         if not isinstance(self.force, bool):
@@ -123,6 +131,7 @@ class ABCacheConfig:
         values = {name: getattr(self, name) for name in _AB_FIELDS}
         if weighting is not None:
             values["weighting"] = weighting
+        values["abscissa"] = "index" if self.abscissa == "index" else "time"
         return ABConfig(**values)
 
 

@@ -9,6 +9,7 @@ one engine per context, each announced the part of the grid that context will ru
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from abcache_torch import CacheState, CacheStats, input_key
+from abcache_torch import CacheEngine, CacheStats, input_key
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils.torch_utils import unwrap_module
@@ -25,8 +26,11 @@ from abcache_diffusers._config import ABCacheConfig, as_config
 from abcache_diffusers._spacing import (
     _numpy,
     abscissa_grid,
+    linear_steps,
+    nonlinear_reason,
     resolve_abscissa,
     resolve_weighting,
+    stages,
     step_index,
     timestep_scale,
 )
@@ -88,7 +92,7 @@ class ABCacheHook(ModelHook):
         self.config = config
         self.contexts = _ContextTracker()
         self._scheduler = scheduler if scheduler is None or callable(scheduler) else (lambda: scheduler)
-        self._engines: dict[str, CacheState] = {}
+        self._engines: dict[str, CacheEngine] = {}
         self._extra = CacheStats()  # few-step-guard calls, and the counters of replaced engines
         self._timestep_position: int | None = None
         self._warned: set[str] = set()
@@ -98,7 +102,33 @@ class ABCacheHook(ModelHook):
     # ---------------------------------------------------------------- setup
     @property
     def scheduler(self) -> Any:
+        """The scheduler of the running generation: that of the pipeline calling the denoiser, else the source's."""
+        running = getattr(self, "_running", None)
+        if running is not None:
+            return running
         return None if self._scheduler is None else self._scheduler()
+
+    def _find_running_scheduler(self) -> None:
+        """At a generation's first call: the scheduler of the pipeline on the call stack that owns the denoiser.
+
+        A pipeline made by `from_pipe(pipe, scheduler=...)` shares the denoiser but not the scheduler the hook was
+        given; diffusers does not pass the scheduler to the denoiser, so the caller's frames are searched once.
+        """
+        module = getattr(self, "_module_ref", lambda: None)()
+        self._searched = True
+        frame: Any = sys._getframe(2)
+        for _ in range(64):
+            if frame is None or module is None:
+                return
+            owner: Any = frame.f_locals.get("self")
+            components = getattr(owner, "components", None)
+            if not isinstance(components, dict) or getattr(owner, "scheduler", None) is None:
+                frame = frame.f_back
+                continue
+            if any(isinstance(c, torch.nn.Module) and unwrap_module(c) is module for c in components.values()):
+                self._running = owner.scheduler
+                return
+            frame = frame.f_back
 
     def _resolve(self, scheduler: Any) -> tuple[str, str]:
         """(abscissa, weighting) on `scheduler`; raises ValueError for a config the scheduler cannot run."""
@@ -106,11 +136,19 @@ class ABCacheHook(ModelHook):
         weighting = resolve_weighting(scheduler, self.config.weighting, abscissa)
         if scheduler is None and (self.config.cooldown or self.config.compute_mask is not None):
             raise ValueError("cooldown and compute_mask need the step grid: pass scheduler= to apply_ab_cache")
+        if self.config.correct is True:
+            reason = "no scheduler is known" if scheduler is None else nonlinear_reason(scheduler)
+            if reason is not None:
+                raise ValueError(
+                    f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: {reason}; "
+                    "use correct=None (correct where possible) or False"
+                )
         return abscissa, weighting
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         parameters = list(inspect.signature(module.forward).parameters)
         name = self.config.timestep_arg
+        self._module_ref = weakref.ref(module)
         self._timestep_position = parameters.index(name) if name in parameters else None
         if name not in parameters and not any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()
@@ -125,12 +163,15 @@ class ABCacheHook(ModelHook):
         for engine in self._engines.values():
             engine.reset()
         self._forget_grid()
+        self._running, self._searched = None, False
         return module
 
     def _forget_grid(self) -> None:
         self._timesteps_ref: Any = None  # the scheduler.timesteps tensor the grid was computed from
         self._timesteps: np.ndarray | None = None
         self._grid: np.ndarray | None = getattr(self, "_grid", None)  # kept for inspection after the call
+        self._stages: np.ndarray | None = None  # per call: its history among the calls sharing an abscissa
+        self._steps: Any = None  # abcore.LinearSteps over the grid, or None
         self._scale = 1.0
         self._next: dict[str, int] = {}  # per context: the grid index its next call should have
         self._last_index: dict[str, int] = {}
@@ -180,9 +221,9 @@ class ABCacheHook(ModelHook):
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=4)
 
-    def _engine(self, name: str) -> CacheState:
+    def _engine(self, name: str) -> CacheEngine:
         if name not in self._engines:
-            self._engines[name] = CacheState(self.config.to_ab_config(self._settings[1]))
+            self._engines[name] = CacheEngine(self.config.to_ab_config(self._settings[1]))
         return self._engines[name]
 
     def _refresh_grid(self, scheduler: Any, timestep: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -199,16 +240,21 @@ class ABCacheHook(ModelHook):
         self._forget_grid()
         values, grid = _numpy(timesteps), abscissa_grid(scheduler, settings[0])
         self._timesteps_ref, self._timesteps, self._grid = timesteps, values, grid
+        self._stages = stages(grid)
+        if self.config.correct is not False and not np.any(self._stages):
+            self._steps = linear_steps(scheduler)
         if timestep is not None:
             num_train = float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
             self._scale = timestep_scale(values, _timestep_value(timestep), num_train)
         return values, grid
 
     @torch.compiler.disable
-    def _route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheState | None, float | None, str]:
+    def _route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine | None, float | None, str]:
         """(engine, time, context) of this call; engine None: run the model without caching."""
         base = self.contexts.name or DEFAULT_CONTEXT
         timestep = self._timestep(args, kwargs)
+        if not getattr(self, "_searched", False):
+            self._find_running_scheduler()
         scheduler = self.scheduler
         if scheduler is None or getattr(scheduler, "timesteps", None) is None:
             if timestep is None:
@@ -228,8 +274,12 @@ class ABCacheHook(ModelHook):
         repeat = self._repeat.get(base, 0) + 1 if self._last_index.get(base) == index else 0
         self._repeat[base], self._last_index[base] = repeat, index
         name = base if repeat == 0 else f"{base}_{repeat}"
+        stage = cast(np.ndarray, self._stages)
+        if np.any(stage):  # an abscissa repeats (second-order schedulers): one history per stage
+            name = f"{name}/stage{stage[index]}"
         if self._next.get(name) != index:  # the context starts (or jumps): announce the rest of the grid
-            remaining = grid[index:]
+            mine = index + np.flatnonzero(stage[index:] == stage[index])
+            remaining = grid[mine]
             if remaining.size < self.config.min_steps and not self.config.force:
                 self._guarded.add(name)
                 self._warn_once(
@@ -239,21 +289,30 @@ class ABCacheHook(ModelHook):
                 )
             else:
                 self._guarded.discard(name)
-                self._engine(name).set_grid(remaining.tolist())
-        self._next[name] = index + 1
+                self._announce(self._engine(name), remaining, index)
+        following = index + 1 + np.flatnonzero(stage[index + 1 :] == stage[index])
+        self._next[name] = int(following[0]) if following.size else -1
         if name in self._guarded:
             self._extra.context(name).computed += 1
             return None, None, name
         return self._engine(name), float(grid[index]), name
 
+    def _announce(self, engine: Any, times: np.ndarray, index: int) -> None:
+        """`engine.set_grid(times)`, with the step coefficients from `index` on where known (and supported)."""
+        steps = self._steps
+        if steps is not None and "steps" in inspect.signature(engine.set_grid).parameters:
+            engine.set_grid(times.tolist(), steps=type(steps)(steps.a[index:], steps.b[index:]))
+        else:
+            engine.set_grid(times.tolist())
+
     @staticmethod
     @torch.compiler.disable
-    def _predict(engine: CacheState, time: float, name: str, key: tuple) -> tuple[bool, Any]:
+    def _predict(engine: CacheEngine, time: float, name: str, key: tuple) -> tuple[bool, Any]:
         return engine.predict(time, name, key=key)
 
     @staticmethod
     @torch.compiler.disable
-    def _store(engine: CacheState, name: str, output: Any) -> Any:
+    def _store(engine: CacheEngine, name: str, output: Any) -> Any:
         return engine.store(output, name)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

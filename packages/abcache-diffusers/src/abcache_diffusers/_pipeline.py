@@ -26,7 +26,9 @@ def enable_ab_cache(pipe: Any, config: ABCacheConfig | dict | None = None) -> No
 
     Applies [`apply_ab_cache`] to the pipeline's denoiser (`pipe.transformer`, also `pipe.transformer_2`, or
     `pipe.unet`) with `pipe.scheduler` as the source of the step grid (the scheduler in place at each call is
-    used, so it may be swapped later). The hook state is reset at the end of every pipeline call.
+    used, so it may be swapped later). A pipeline sharing the denoiser, such as `X.from_pipe(pipe, scheduler=...)`,
+    is followed too: each generation reads the scheduler of the pipeline that calls the denoiser. The hook state is
+    reset at the end of every pipeline call.
 
     Args:
         pipe (`DiffusionPipeline`):

@@ -5,6 +5,12 @@
 - Schedulers with `_sigma_to_alpha_sigma_t` (DPM-Solver, UniPC, DEIS, SA-Solver): lambda = log(alpha_t / sigma_t)
   of `scheduler.sigmas`; VE-sigma schedulers (Euler, Euler ancestral, Heun, LMS): lambda = -log(sigma); schedulers
   with only `alphas_cumprod` (DDIM, DDPM, PNDM): lambda = 0.5 log(abar / (1 - abar)) at the integer timesteps.
+
+Every entry of `scheduler.timesteps` is one model call, at the sigma the scheduler evaluates it (KDPM2's second-order
+calls at its interpolated sigmas). Second-order schedulers (Heun, FlowMatchHeun, PNDM's Runge-Kutta warm-up) call the
+model twice at one abscissa; `stages` splits their calls into strictly monotonic sequences, one history each.
+`linear_steps` gives the step coefficients x_{j+1} = a_j x_j + b_j out_j where the scheduler's step is linear in the
+model output, which the correction of predicted steps needs.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from abcore import lambda_from_alphas_cumprod, lambda_from_sigma
+from abcore import LinearSteps, lambda_from_alphas_cumprod, lambda_from_sigma
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -41,6 +47,11 @@ def resolve_abscissa(scheduler: Any, requested: str) -> str:
                 f"abscissa={requested!r} needs the scheduler: pass scheduler= or use enable_ab_cache(pipe)"
             )
         return "timestep"
+    if requested == "lambda" and is_flow(scheduler) and not hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
+        raise ValueError(
+            f"abscissa='lambda' needs a scheduler with alphas (VP / VE noise schedule), but {type(scheduler).__name__} "
+            "is flow matching: use abscissa='auto' or 'sigma'"
+        )
     if requested != "auto":
         return requested
     if is_flow(scheduler):
@@ -76,6 +87,10 @@ def abscissa_grid(scheduler: Any, abscissa: str) -> np.ndarray:
     sigmas = None if sigmas is None else _numpy(sigmas)
     if sigmas is not None and sigmas.size < n:
         sigmas = None
+    interpol = getattr(scheduler, "sigmas_interpol", None)
+    if sigmas is not None and interpol is not None:  # KDPM2: the second-order calls (odd entries) are in between
+        sigmas = sigmas.copy()
+        sigmas[1:n:2] = _numpy(interpol)[1:n:2]
     if abscissa == "index":
         return np.arange(n, dtype=np.float64)
     if abscissa == "timestep":
@@ -113,8 +128,87 @@ def step_index(scheduler: Any, timesteps: np.ndarray, value: Callable[[], float]
     The scheduler's own `step_index` when it has one (exact, whatever dtype the timestep was cast to, and no read
     of a device tensor), else `begin_index` before the first step, else the grid entry nearest ``value() * scale``.
     """
-    for attribute in ("step_index", "begin_index"):
+    attributes = ("counter",) if "PNDM" in type(scheduler).__name__ else ("step_index", "begin_index")
+    for attribute in attributes:
         index = getattr(scheduler, attribute, None)
         if isinstance(index, int) and 0 <= index < timesteps.size:
             return index
     return int(np.argmin(np.abs(timesteps - value() * scale)))
+
+
+def stages(grid: np.ndarray) -> np.ndarray:
+    """(n,) int: the stage of each call, so that the calls of each stage have strictly monotonic abscissae.
+
+    All zeros for a strictly monotonic grid. Where an abscissa repeats (Heun's second-order call at the next sigma,
+    PNDM's Runge-Kutta steps), a call joins the first stage whose last abscissa it strictly follows.
+    """
+    direction = 1.0 if grid.size < 2 or grid[-1] >= grid[0] else -1.0
+    last: list[float] = []
+    result = np.zeros(grid.size, dtype=np.int64)
+    for i, value in enumerate(grid):
+        stage = next((s for s, prev in enumerate(last) if (value - prev) * direction > 0), len(last))
+        if stage == len(last):
+            last.append(value)
+        last[stage] = value
+        result[i] = stage
+    return result
+
+
+def nonlinear_reason(scheduler: Any) -> str | None:
+    """None when `linear_steps` knows the step of `scheduler` as linear in the model output, else why not."""
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", {})
+    prediction = config.get("prediction_type")
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return "stochastic_sampling=True adds fresh noise to each step" if config.get("stochastic_sampling") else None
+    if name == "DDIMScheduler":
+        if config.get("clip_sample"):
+            return "clip_sample=True clips the predicted x0 (pass clip_sample=False)"
+        if config.get("thresholding"):
+            return "thresholding=True thresholds the predicted x0"
+        if prediction not in ("epsilon", "sample", "v_prediction"):
+            return f"prediction_type={prediction!r} is not one of 'epsilon', 'sample', 'v_prediction'"
+        return None
+    if name == "EulerDiscreteScheduler":
+        if prediction not in ("epsilon", "sample", "v_prediction"):
+            return f"prediction_type={prediction!r} is not one of 'epsilon', 'sample', 'v_prediction'"
+        return None
+    return "its step is not known here as linear in the model output alone (multistep, higher order or stochastic)"
+
+
+def linear_steps(scheduler: Any) -> LinearSteps | None:
+    """The coefficients (a, b) of x_{j+1} = a_j x_j + b_j out_j at every call on `scheduler.timesteps`, or None.
+
+    Known for FlowMatchEulerDiscreteScheduler (a = 1, b = sigma_{j+1} - sigma_j), DDIMScheduler without clipping
+    or thresholding (eta = 0) and EulerDiscreteScheduler (s_churn = 0); x is the scheduler's sample, before
+    `scale_model_input`. None where `nonlinear_reason` gives a reason or the timesteps are not set.
+    """
+    if nonlinear_reason(scheduler) is not None or getattr(scheduler, "timesteps", None) is None:
+        return None
+    name = type(scheduler).__name__
+    n = int(scheduler.timesteps.numel())
+    prediction = scheduler.config.get("prediction_type")
+    if name == "DDIMScheduler":
+        abar = _numpy(scheduler.alphas_cumprod)
+        final = float(scheduler.final_alpha_cumprod)
+        t = np.rint(_numpy(scheduler.timesteps)).astype(np.int64)
+        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        current, following = abar[t], np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
+        pairs = [
+            LinearSteps.ddim(np.sqrt([c, f]), np.sqrt([1.0 - c, 1.0 - f]), prediction)
+            for c, f in zip(current, following, strict=True)
+        ]
+        return LinearSteps(np.concatenate([p.a for p in pairs]), np.concatenate([p.b for p in pairs]))
+    sigmas = _numpy(scheduler.sigmas)
+    if sigmas.size != n + 1:
+        return None
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return LinearSteps(np.ones(n), np.diff(sigmas))
+    # EulerDiscreteScheduler: x' = x + dt (x - x0) / sigma, x0 by prediction type
+    sigma, dt = sigmas[:-1], np.diff(sigmas)
+    if prediction == "epsilon":  # x0 = x - sigma out
+        return LinearSteps(np.ones(n), dt)
+    if prediction == "sample":  # x0 = out
+        return LinearSteps(1.0 + dt / sigma, -dt / sigma)
+    # v_prediction: x0 = x / (sigma^2 + 1) - out sigma / sqrt(sigma^2 + 1)
+    return LinearSteps(1.0 + dt * sigma / (sigma**2 + 1.0), dt / np.sqrt(sigma**2 + 1.0))

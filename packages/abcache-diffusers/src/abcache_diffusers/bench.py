@@ -54,23 +54,26 @@ def flow_methods(setup: FlowSetup, quick: bool) -> list[tuple[str, str, dict[str
     orders, intervals = ((1, 2, 3), (2, 3, 4)) if quick else ((1, 2, 3, 4), (2, 3, 4, 5, 6))
     nfes = (13, 18) if quick else (10, 13, 18, 25)
     jobs: list[tuple[str, str, dict[str, Any]]] = []
+    for i in (*intervals, 8):  # the default: the last 4 steps computed, predicted steps corrected
+        family = "AB-Cache order 2, last 4 computed, corrected"
+        jobs.append((f"{family}, interval {i}", family, {"cache": ABCacheConfig(interval=i)}))
     for k in orders:
-        family = "reuse (order 1)" if k == 1 else f"AB-Cache order {k}"
+        family = "reuse (order 1)" if k == 1 else f"AB-Cache order {k}, no tail"
         for i in intervals:
-            cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k))
+            cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k), cooldown=0, correct=False)
             jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
     for i in intervals:  # the same extrapolation on the step index, as the peers do
-        cache = ABCacheConfig(order=2, interval=i, warmup=2, spacing="index")
+        cache = ABCacheConfig(order=2, interval=i, warmup=2, cooldown=0, correct=False, abscissa="index")
         family = "order 2 on the step index (not AB-Cache's default)"
         jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
     for most in (3, 5):
         for tol in (0.05, 0.1) if quick else (0.02, 0.05, 0.1, 0.15, 0.2):
-            cache = ABCacheConfig(order=2, interval=most + 1, warmup=2, tolerance=tol)
+            cache = ABCacheConfig(order=2, interval=most + 1, warmup=2, cooldown=0, correct=False, tolerance=tol)
             family = f"AB-Cache adaptive (order 2, <= {most} predicted in a row)"
             jobs.append((f"{family}, tol {tol}", family, {"cache": cache}))
     for k in (2, 3):
         for i in intervals:
-            cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k), spacing="binomial")
+            cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k), cooldown=0, predictor="binomial")
             family = f"paper Eq. 3.6 binomial, order {k}"
             jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
     for n in nfes:
@@ -103,13 +106,13 @@ def eps_methods(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
     for k in (1, 2, 3):
         family = "reuse (order 1)" if k == 1 else f"AB-Cache order {k} (eps on lambda)"
         for i in intervals:
-            cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k))
+            cache = ABCacheConfig(order=k, interval=i, warmup=max(2, k), cooldown=0)
             jobs.append((f"{family}, interval {i}", family, {"cache": cache}))
     for k in (2, 3):
-        cache = ABCacheConfig(order=k, interval=3, warmup=max(2, k), weighting="exp-eps")
+        cache = ABCacheConfig(order=k, interval=3, warmup=max(2, k), cooldown=0, weighting="exp-eps")
         family = f"paper exp. weighting e^-lambda eps, order {k}"
         jobs.append((f"{family}, interval 3", family, {"cache": cache}))
-        cache = ABCacheConfig(order=k, interval=3, warmup=max(2, k), spacing="binomial")
+        cache = ABCacheConfig(order=k, interval=3, warmup=max(2, k), cooldown=0, predictor="binomial")
         family = f"paper Eq. 3.6 binomial, order {k}"
         jobs.append((f"{family}, interval 3", family, {"cache": cache}))
     for n in (13, 18) if quick else (10, 13, 18, 25):

@@ -1,27 +1,26 @@
 """abcache-jax: AB-Cache for JAX/Flax, a jit-compiled cached sampling loop that keeps the batch sharding.
 
-`sample` runs a sampler under `lax.scan`, calling the model only at the steps the
-abcore plan (or the adaptive test) computes and predicting the others from a
-`CacheState` of past outputs. All weights come from abcore.
+`sample` runs a sampler under `lax.scan` and executes abcore's step rule on `jax.numpy`: the model
+runs only at the steps the rule computes, the others are predicted from a `History` of past outputs
+(and corrected once the next output is computed, given the sampler's `abcore.LinearSteps`).
 """
 
-from abcache_jax._sample import ModelFn, StepFn, Trajectory, sample
-from abcache_jax._samplers import ddim_eps_step, flow_euler_step, vp_alpha_sigma
-from abcache_jax._state import CacheState, extrapolate, init_state, mark_predicted, push, weighted_sum
+from abcache_jax._history import History, init_history, push, weighted_sum
+from abcache_jax._sample import ModelFn, StepFn, Trajectory, any_over_batch, sample
+from abcache_jax._steps import ddim_eps_step, flow_euler_step, vp_alpha_sigma
 
 __all__ = [
-    "CacheState",
+    "History",
     "ModelFn",
     "StepFn",
     "Trajectory",
+    "any_over_batch",
     "ddim_eps_step",
-    "extrapolate",
     "flow_euler_step",
-    "init_state",
-    "mark_predicted",
+    "init_history",
     "push",
     "sample",
     "vp_alpha_sigma",
     "weighted_sum",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

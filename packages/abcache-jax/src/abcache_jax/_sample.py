@@ -1,157 +1,158 @@
-"""`sample`: a jit-compiled AB-Cache sampling loop on `lax.scan`.
+"""`sample`: a jit-compiled AB-Cache sampling loop that executes abcore's step rule in a `lax.scan`.
 
-One scan step i runs, with t = times[i]:
+One scan step i, with t = grid[i], node = abcore.node_of(config, i, t) and the rule state r:
 
-    out_i = model_fn(params, x_i, t)               at a computed step,
-    out_i = sum_j w_ij H_j                         at a predicted step (Eq. 3.6),
-    x_{i+1} = step_fn(x_i, out_i, t, times[i + 1]),
+    d = abcore.decide(config, r, node, forced_i)      forced = config.forced_mask(n), static
+    predicted:  out_i = sum_j w_j H_j                 w = d.weights (Eq. 3.5), if accepted and finite
+    computed:   f = model_fn(params, x_i, t)
+                out_i = f + sum_l c_l [f, H_0, ..]_l  c = abcore.correction_weights (when correcting)
+    x_{i+1} = step_fn(x_i, out_i, t, grid[i + 1])
 
-where H is the `CacheState` buffer of the last ``order`` computed outputs, newest first,
-and w_i the weights abcore derives on the real step times (paper, Section 3.3). The
-choice between the two is a `lax.cond`, so a predicted step never evaluates the model.
-The plan (which steps must compute, and in fixed mode the weights) is static data
-built by abcore when `sample` is traced; `jax.jit` compiles once per plan.
+where H is the `History` of raw computed outputs, newest first. Every decision and weight comes from
+abcore's rule run on `jax.numpy`; nothing is re-derived here. The choice between the branches is a
+`lax.cond` on an `any_over_batch` predicate, so a predicted step never evaluates the model, also
+under `jax.vmap`.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import types
+import warnings
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from abcore import ABConfig, CachePlan, accept_prediction, as_times, history_weights, make_plan
+from abcore import (
+    ABConfig,
+    CachePlan,
+    LinearSteps,
+    accept_prediction,
+    after_predicted,
+    as_grid,
+    correction_weights,
+    decide,
+    make_plan,
+    node_of,
+)
 from jax import lax
 
-from abcache_jax._state import (
-    CacheState,
+from abcache_jax._history import (
+    History,
     PyTree,
-    _time_dtype,
     all_finite,
-    extrapolate,
-    init_state,
-    mark_predicted,
+    init_history,
     push,
     sum_of_squares,
+    time_dtype,
     weighted_sum,
 )
+from abcache_jax._steps import linear_step
 
 ModelFn = Callable[[PyTree, PyTree, jax.Array], PyTree]
 StepFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree]
 
 
 class Trajectory(NamedTuple):
-    """Result of `sample`.
+    """Result of `sample`, like `abcore.Trajectory`.
 
-    x: the final sample. computed: (n,) bool, which steps ran the model. state: the
-    final `CacheState` (sharded like the model outputs). outputs: the (n, ...) stacked
-    outputs used at every step when ``keep_outputs=True``, else None.
+    x: the final sample. computed: (n,) bool, which steps ran the model. outputs: the (n, ...)
+    stacked outputs the sampler used at every step when ``keep_outputs=True``, else None.
     """
 
     x: PyTree
     computed: jax.Array
-    state: CacheState
-    outputs: PyTree  # None unless keep_outputs
+    outputs: PyTree
+
+
+@jax.custom_batching.custom_vmap
+def any_over_batch(pred: jax.Array) -> jax.Array:
+    """`pred` itself; under `jax.vmap`, any(pred) over the mapped axis, as an unbatched value.
+
+    A `lax.cond` on a batched predicate becomes a select that runs both branches; on this one it
+    stays a cond: a vmapped batch calls the model when any element needs to, as one batch does.
+    """
+    return pred
+
+
+@any_over_batch.def_vmap
+def _any_over_batch_rule(axis_size: int, in_batched: list[bool], pred: jax.Array) -> tuple[jax.Array, bool]:
+    (batched,) = in_batched
+    return (jnp.any(pred, axis=0) if batched else pred), False
 
 
 @dataclass(frozen=True, eq=False)
-class _Program:
-    """Everything static about one sampling run; hashed by content so jit caches per plan."""
+class _Spec:
+    """Everything static about one run except the model (which the program reaches weakly)."""
 
-    model_fn: ModelFn
-    step_fn: StepFn
+    step_fn: StepFn | None
     config: ABConfig
-    times: np.ndarray  # (n + 1,)
-    forced: np.ndarray  # (n,) bool: steps that compute whatever the data
-    weights: np.ndarray  # (n, order): fixed-mode prediction weights (unused in adaptive mode)
+    grid: np.ndarray  # (n + 1,)
+    a: np.ndarray  # (n,) step coefficients, ones without steps
+    b: np.ndarray
+    correct: bool
     unroll: int | bool
     fallback: bool
     keep_outputs: bool
-    key: tuple = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        arrays = tuple(a.tobytes() for a in (self.times, self.forced, self.weights))
-        flags = (self.unroll, self.fallback, self.keep_outputs)
-        object.__setattr__(self, "key", (self.model_fn, self.step_fn, self.config, *arrays, *flags))
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Program) and self.key == other.key
+    @property
+    def key(self) -> tuple:
+        arrays = tuple(v.tobytes() for v in (self.grid, self.a, self.b))
+        return (self.step_fn, self.config, *arrays, self.correct, self.unroll, self.fallback, self.keep_outputs)
 
 
-def _concrete_times(times: Any) -> np.ndarray:
-    if isinstance(times, jax.core.Tracer):
-        raise ValueError(
-            "times must be concrete (a numpy array, list or concrete jax array): the cache plan is built "
-            "from it at trace time; close over it instead of passing it as a traced argument"
-        )
-    if np.ndim(times) != 1:
-        raise ValueError(f"times must be a 1-D array of n + 1 step times, got shape {np.shape(times)}")
-    t = as_times(times, "times")
-    if t.size < 2:
-        raise ValueError(f"times must hold at least 2 entries (n steps need n + 1), got {t.size}")
-    return t
+# Compiled programs per model owner: id(owner) -> (weak reference to owner, {key: jitted program}).
+# The owner is model_fn itself, or its __self__ for a bound method (`module.apply` is a new object
+# at each access); the programs reach it only through the weak reference, so a dropped closure
+# frees its programs (and their executables and captured constants).
+_PROGRAMS: dict[int, tuple[Callable[[], Any], dict[tuple, Callable[..., Trajectory]]]] = {}
+_MAX_PROGRAMS_PER_OWNER = 32
 
 
-@functools.lru_cache(maxsize=64)
-def _schedule(config: ABConfig, step_times: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(forced, weights) for `config` on the step times: abcore's plan, or its forced mask when adaptive."""
-    t = np.frombuffer(step_times, dtype=np.float64)
-    n = t.size
-    if config.adaptive:
-        forced = np.array([config.forced_compute(i, n) for i in range(n)], dtype=bool)
-        return forced, np.zeros((n, config.order))
-    plan = make_plan(config, t)
-    return plan.compute, plan.weights
+def _evict(key: int, ref: Any) -> None:
+    if _PROGRAMS.get(key, (None,))[0] is ref:
+        del _PROGRAMS[key]
 
 
-def _resolve(config_or_plan: ABConfig | CachePlan, t: np.ndarray) -> tuple[ABConfig, np.ndarray, np.ndarray]:
-    n = t.size - 1
-    if isinstance(config_or_plan, ABConfig):
-        forced, weights = _schedule(config_or_plan, t[:-1].tobytes())
-        return config_or_plan, forced, weights
-    if isinstance(config_or_plan, CachePlan):
-        plan = config_or_plan
-        if plan.config.adaptive:
-            raise ValueError("config_or_plan: a CachePlan must come from a fixed (non-adaptive) config")
-        if plan.num_steps != n or not np.array_equal(np.asarray(plan.times, np.float64), t[:-1]):
-            raise ValueError(
-                f"config_or_plan: the plan's {plan.num_steps} step times must equal times[:-1] ({n} steps)"
-            )
-        compute = np.asarray(plan.compute, dtype=bool)
-        weights = np.asarray(plan.weights, dtype=np.float64)
-        if compute.shape != (n,) or not compute[0] or weights.shape != (n, plan.config.order):
-            raise ValueError(
-                f"config_or_plan: the plan needs compute of shape ({n},) starting with True and weights of shape "
-                f"({n}, {plan.config.order}), got {compute.shape} and {weights.shape}"
-            )
-        return plan.config, compute, weights
-    raise TypeError(f"config_or_plan must be an abcore.ABConfig or abcore.CachePlan, got {type(config_or_plan)!r}")
+def _program(model_fn: ModelFn, spec: _Spec) -> Callable[..., Trajectory]:
+    owner, func = (model_fn.__self__, model_fn.__func__) if inspect.ismethod(model_fn) else (model_fn, None)
+    entry = _PROGRAMS.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        try:
+            ref: Callable[[], Any] = weakref.ref(owner, functools.partial(_evict, id(owner)))
+        except TypeError:  # not weakly referenceable: held for good
+            ref = functools.partial(lambda o: o, owner)
+        entry = _PROGRAMS[id(owner)] = (ref, {})
+    programs = entry[1]
+    key = (func, *spec.key)
+    if key not in programs:
+        if len(programs) >= _MAX_PROGRAMS_PER_OWNER:
+            programs.pop(next(iter(programs)))
+        programs[key] = jax.jit(functools.partial(_run, entry[0], func, spec))
+    return programs[key]
 
 
 def _describe(tree: PyTree) -> str:
     return str(jax.tree.map(lambda s: f"{s.dtype}{list(s.shape)}", tree))
 
 
-def _check_signatures(program: _Program, params: PyTree, x: PyTree, t: jax.Array) -> PyTree:
+def _check_signatures(model_fn: ModelFn, step_fn: StepFn, params: PyTree, x: PyTree, t: jax.Array) -> PyTree:
     """Trace-time checks of model_fn and step_fn against x; returns the model output's shapes."""
-    out = jax.eval_shape(program.model_fn, params, x, t)
+    out = jax.eval_shape(model_fn, params, x, t)
     if not all(jnp.issubdtype(s.dtype, jnp.inexact) for s in jax.tree.leaves(out)):
         raise ValueError(f"model_fn must return floating-point arrays to extrapolate, got {_describe(out)}")
-    single = jax.tree_util.treedef_is_leaf(jax.tree.structure(x)) and jax.tree_util.treedef_is_leaf(
-        jax.tree.structure(out)
-    )
-    if single and out.shape != np.shape(x):
+    leaf = jax.tree_util.treedef_is_leaf
+    if leaf(jax.tree.structure(x)) and leaf(jax.tree.structure(out)) and out.shape != np.shape(x):
         raise ValueError(
             f"model_fn(params, x, t) returned shape {out.shape} but x has shape {np.shape(x)}; "
             "a model whose output is not shaped like x must return a pytree (e.g. a tuple) that step_fn unpacks"
         )
-    x_next = jax.eval_shape(program.step_fn, x, out, t, t)
+    x_next = jax.eval_shape(step_fn, x, out, t, t)
     expected = jax.eval_shape(lambda v: v, x)
     same_structure = jax.tree.structure(x_next) == jax.tree.structure(expected)  # type: ignore[operator]
     if not same_structure or any(
@@ -165,121 +166,195 @@ def _check_signatures(program: _Program, params: PyTree, x: PyTree, t: jax.Array
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run(program: _Program, params: PyTree, x: PyTree) -> Trajectory:
-    config = program.config
-    order = config.order
-    times = jnp.asarray(program.times, _time_dtype())
-    out_shape = _check_signatures(program, params, x, times[0])
+def _cast(tree: PyTree, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda o, s: jnp.asarray(o).astype(s.dtype), tree, like)
+
+
+def _corrected(f: PyTree, outputs: PyTree, c: jax.Array) -> PyTree:
+    """f + c_0 f + sum_j c_{j+1} H_j, accumulated like `weighted_sum`, in f's dtypes."""
+    rest = weighted_sum(outputs, c[1:])
+    return jax.tree.map(
+        lambda fi, ri: (fi.astype(ri.dtype) + (c[0].astype(ri.dtype) * fi.astype(ri.dtype) + ri)).astype(fi.dtype),
+        f,
+        rest,
+    )
+
+
+def _run(owner_ref: Callable[[], Any], func: Any, spec: _Spec, params: PyTree, x: PyTree) -> Trajectory:
+    owner = owner_ref()
+    if owner is None:
+        raise RuntimeError("abcache_jax.sample: the model function was garbage-collected during tracing")
+    model_fn = owner if func is None else types.MethodType(func, owner)
+    config = spec.config
+    dtype = time_dtype()
+    grid = jnp.asarray(spec.grid, dtype)
+
+    def step_fn(x: PyTree, out: PyTree, t: jax.Array, t_next: jax.Array, a: Any = 1.0, b: Any = 1.0) -> PyTree:
+        return linear_step(x, out, a, b) if spec.step_fn is None else spec.step_fn(x, out, t, t_next)
+
+    out_shape = _check_signatures(model_fn, step_fn, params, x, grid[0])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-    adaptive = config.adaptive
-    tolerance = config.tolerance if config.tolerance is not None else 0.0
+    tolerance = 0.0 if config.tolerance is None else config.tolerance
 
-    def body(carry, step):
-        x, state, off_plan = carry
-        t, t_next, forced, plan_weights = step
+    def body(carry: tuple[PyTree, History], step: tuple) -> tuple[tuple[PyTree, History], tuple]:
+        x, history = carry
+        i, t, t_next, forced, a, b = step
+        node = node_of(config, i, t)
+        decision = decide(config, history.rule, node, forced, xp=jnp)
 
-        def attempt(state: CacheState) -> tuple[PyTree, jax.Array]:
-            if adaptive:
-                w, e = history_weights(state.times, state.valid, t, order, config.weighting, xp=jnp)
-                pred = extrapolate(state, w)
-                delta = weighted_sum(state.outputs, e)
+        def attempt(history: History) -> tuple[PyTree, jax.Array]:
+            pred = _cast(weighted_sum(history.outputs, decision.weights), out_shape)
+            ok = jnp.asarray(True)
+            if config.adaptive:
+                delta = weighted_sum(history.outputs, decision.error_weights)
                 ok = accept_prediction(sum_of_squares(delta), sum_of_squares(pred), tolerance, xp=jnp)
-            else:
-                w = plan_weights
-                if program.fallback:  # after a fallback the history is off the plan: weights from abcore in-graph
-                    live, _ = history_weights(state.times, state.valid, t, order, config.weighting, xp=jnp)
-                    w = jnp.where(off_plan, live, plan_weights)
-                pred = extrapolate(state, w)
-                ok = jnp.asarray(True)
-            if program.fallback:  # a non-finite prediction computes instead, as in abcore.sample
+            if spec.fallback:  # a non-finite prediction computes instead, as in abcore.sample
                 ok = ok & all_finite(pred)
             return pred, ok
 
-        def skip(state: CacheState) -> tuple[PyTree, jax.Array]:
+        def skip(history: History) -> tuple[PyTree, jax.Array]:
             return zeros, jnp.asarray(False)
 
-        must = forced
-        if adaptive:
-            must = must | (jnp.sum(state.valid) < 2) | (state.consecutive >= config.predicted_limit)
-        pred, use_prediction = lax.cond(must, skip, attempt, state)
+        pred, ok = lax.cond(any_over_batch(decision.compute), skip, attempt, history)
 
-        def run_model(operand: tuple[PyTree, CacheState]) -> tuple[PyTree, CacheState]:
-            x, state = operand
-            out = program.model_fn(params, x, t)
-            out = jax.tree.map(lambda o, s: o.astype(s.dtype), out, out_shape)
-            return out, push(state, out, t)
+        def run_model(operand: tuple[PyTree, History]) -> tuple[PyTree, History]:
+            x, history = operand
+            f = _cast(model_fn(params, x, t), out_shape)
+            out = f
+            if spec.correct:
+                out = _corrected(f, history.outputs, correction_weights(config, history.rule, node, a, b, xp=jnp))
+            return out, push(history, f, node)
 
-        def use(operand: tuple[PyTree, CacheState]) -> tuple[PyTree, CacheState]:
-            return pred, mark_predicted(operand[1])
+        def use_prediction(operand: tuple[PyTree, History]) -> tuple[PyTree, History]:
+            history = operand[1]
+            return pred, history._replace(rule=after_predicted(history.rule, node, a, b, xp=jnp))
 
-        out, state = lax.cond(use_prediction, use, run_model, (x, state))
-        off_plan = off_plan | (~forced & ~use_prediction)
-        x_next = program.step_fn(x, out, t, t_next)
-        return (x_next, state, off_plan), (~use_prediction, out if program.keep_outputs else None)
+        compute = any_over_batch(~ok)
+        out, history = lax.cond(compute, run_model, use_prediction, (x, history))
+        x_next = step_fn(x, out, t, t_next, a, b)
+        return (x_next, history), (compute, out if spec.keep_outputs else None)
 
-    steps = (
-        times[:-1],
-        times[1:],
-        jnp.asarray(program.forced),
-        jnp.asarray(program.weights, _time_dtype()),
+    n = grid.shape[0] - 1
+    xs = (
+        jnp.arange(n, dtype=dtype),
+        grid[:-1],
+        grid[1:],
+        jnp.asarray(config.forced_mask(n)),
+        jnp.asarray(spec.a, dtype),
+        jnp.asarray(spec.b, dtype),
     )
-    carry = (x, init_state(out_shape, order), jnp.asarray(False))
-    (x, state, _), (computed, outputs) = lax.scan(body, carry, steps, unroll=program.unroll)
-    return Trajectory(x, computed, state, outputs)
+    carry = (x, init_history(out_shape, config))
+    (x, _), (computed, outputs) = lax.scan(body, carry, xs, unroll=spec.unroll)
+    return Trajectory(x, computed, outputs)
+
+
+def _concrete_grid(grid: Any) -> np.ndarray:
+    if isinstance(grid, jax.core.Tracer):
+        raise ValueError(
+            "grid must be concrete (a numpy array, list or concrete jax array): the schedule is built "
+            "from it at trace time; close over it instead of passing it as a traced argument"
+        )
+    return as_grid(grid, "grid")
+
+
+def _check_steps(steps: Any, n: int) -> None:
+    if steps is None:
+        return
+    if not isinstance(steps, LinearSteps):
+        raise TypeError(f"steps must be an abcore.LinearSteps or None, got {type(steps).__name__}")
+    if steps.num_steps != n:
+        raise ValueError(f"steps has {steps.num_steps} entries but the grid has {n} steps (n + 1 = {n + 1} values)")
+
+
+def _resolve(config_or_plan: ABConfig | CachePlan, g: np.ndarray, steps: LinearSteps | None) -> ABConfig:
+    """The config to run; a `CachePlan` must be the fold of its config on grid[:-1] (and `steps`)."""
+    if isinstance(config_or_plan, ABConfig):
+        return config_or_plan
+    if not isinstance(config_or_plan, CachePlan):
+        raise TypeError(
+            f"config_or_plan must be an abcore.ABConfig or abcore.CachePlan, got {type(config_or_plan).__name__}"
+        )
+    plan = config_or_plan
+    n = g.size - 1
+    if plan.num_steps != n or not np.array_equal(np.asarray(plan.times, np.float64), g[:-1]):
+        raise ValueError(f"config_or_plan: the plan's {plan.num_steps} call times must equal grid[:-1] ({n} steps)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = make_plan(plan.config, g[:-1], steps)
+    if not all(
+        np.array_equal(getattr(plan, name), getattr(expected, name)) for name in ("compute", "weights", "corrections")
+    ):
+        raise ValueError(
+            "config_or_plan: the plan is not its config's plan on this grid and steps "
+            "(make it with abcore.make_plan(config, grid[:-1], steps))"
+        )
+    return plan.config
 
 
 def sample(
     model_fn: ModelFn,
     params: PyTree,
     x: PyTree,
-    times: Any,
-    step_fn: StepFn,
+    grid: Any,
+    step_fn: StepFn | None,
     config_or_plan: ABConfig | CachePlan,
     *,
+    steps: LinearSteps | None = None,
     unroll: int | bool = 1,
     fallback: bool = True,
     keep_outputs: bool = False,
 ) -> Trajectory:
-    """Run a sampler with AB-Cache under `jax.jit`: x_{i+1} = step_fn(x_i, out_i, times[i], times[i+1]).
+    """Run a sampler with AB-Cache under `jax.jit`: x_{i+1} = step_fn(x_i, out_i, grid[i], grid[i+1]).
 
-    out_i = model_fn(params, x_i, times[i]) at computed steps; at predicted steps it is
-    the order-k Lagrange extrapolation sum_j w_j H_j through the last k computed outputs
-    at their real times (Eq. 3.6, error O(h^k)), with weights from abcore: the rows of
-    `abcore.make_plan` in fixed mode, `abcore.history_weights` on the buffer's times in
-    adaptive mode (``config.tolerance`` set), where a step is predicted only if
-    `abcore.accept_prediction` passes on the embedded error estimate p_k - p_{k-1}
-    (sums over the whole, possibly sharded, batch). Decisions match `abcore.sample`.
+    Executes abcore's step rule exactly as `abcore.sample` does (same decisions, values to 1e-10
+    in float64): out_i = model_fn(params, x_i, grid[i]) at computed steps, the extrapolation
+    sum_j w_j H_j through the last k computed outputs (Eq. 3.5, error O(h^k)) at predicted ones;
+    a non-finite prediction, or in adaptive mode (``config.tolerance``) one whose embedded error
+    estimate fails `abcore.accept_prediction` (sums over the whole, possibly sharded, batch),
+    computes instead. With `steps` the predicted steps are corrected (``config.correct``): the
+    output of computed step n is f_n + sum_l c_l [f_n, H]_l, c = `abcore.correction_weights`.
 
     Args:
-        model_fn: ``model_fn(params, x, t) -> output pytree`` (e.g. ``module.apply``);
-            traced once per plan. An output that is a single array must be shaped like x.
+        model_fn: ``model_fn(params, x, t) -> output pytree`` (e.g. ``module.apply``); traced once
+            per schedule. A single-array output must be shaped like x. The compiled programs are
+            cached per function (per module for a bound method) and freed with it.
         params: passed to model_fn unchanged (traced, so new weights do not recompile).
         x: the initial sample, an array or pytree; its sharding is kept.
-        times: n + 1 concrete step times on the extrapolation abscissa (sigma for
-            flow matching, lambda = log(alpha / sigma) for eps models); the model is
-            never called at the last one.
+        grid: the n + 1 concrete sampler times on the rule's abscissa (sigma for flow matching,
+            lambda = log(alpha / sigma) for eps models); the model is never called at the last.
         step_fn: ``step_fn(x, out, t, t_next) -> x_next`` with x's shapes and dtypes
-            (`flow_euler_step`, `ddim_eps_step`).
-        config_or_plan: an `abcore.ABConfig` (fixed or adaptive) or an `abcore.CachePlan`
-            made on ``times[:-1]``.
-        unroll: passed to `lax.scan`. With ``unroll=True`` XLA folds the plan's constant
-            compute flags, so the program holds one model call per computed step.
-        fallback: a non-finite prediction runs the model instead, as abcore.sample does
-            (default). False drops that guard: then with ``unroll=True`` predicted steps
-            contain no model call at all, which `cost_analysis` shows.
+            (`flow_euler_step`, `ddim_eps_step`), or None for ``steps``' own a x + b out.
+        config_or_plan: an `abcore.ABConfig` (fixed or adaptive) or the `abcore.CachePlan` of
+            one on ``grid[:-1]`` (run as its config).
+        steps: the sampler's `abcore.LinearSteps` (n entries, x' = a x + b out), which enables
+            the correction: ``LinearSteps.euler(grid)`` for `flow_euler_step`,
+            ``LinearSteps.ddim(*vp_alpha_sigma(grid))`` for `ddim_eps_step`.
+        unroll: passed to `lax.scan`. With ``unroll=True`` XLA folds the schedule's constant
+            flags, so the program holds one model call per computed step.
+        fallback: a non-finite prediction runs the model instead, as abcore.sample does (default).
+            False drops that guard: then with ``unroll=True`` predicted steps contain no model call.
         keep_outputs: also return the (n, ...) stacked outputs used at every step.
 
+    Under `jax.vmap` a step computes for the whole batch when any element needs it.
+
     Returns:
-        `Trajectory(x, computed, state, outputs)`.
+        `Trajectory(x, computed, outputs)`.
 
     Raises:
-        ValueError: at trace time for bad times (not 1-D, non-monotonic, traced), a plan
-            that does not fit the grid, or model_fn / step_fn outputs that do not fit x.
+        ValueError: naming the parameter, for a bad grid (not real, not 1-D, non-monotonic,
+            traced), steps of the wrong length, correct=True without steps, a schedule that does
+            not fit the grid, or model_fn / step_fn outputs that do not fit x.
     """
-    t = _concrete_times(times)
-    config, forced, weights = _resolve(config_or_plan, t)
+    g = _concrete_grid(grid)
+    n = g.size - 1
+    _check_steps(steps, n)
+    config = _resolve(config_or_plan, g, steps)
+    correct = config.corrects(steps is not None)
+    config.check_num_steps(n)
+    if step_fn is None and steps is None:
+        raise ValueError("step_fn is required unless steps=abcore.LinearSteps(...) gives the step")
     if not isinstance(fallback, bool) or not isinstance(keep_outputs, bool):
         raise ValueError(f"fallback and keep_outputs must be bools, got {fallback!r}, {keep_outputs!r}")
-    program = _Program(model_fn, step_fn, config, t, forced, weights, unroll, fallback, keep_outputs)
-    return _run(program, params, x)
+    a, b = (steps.a, steps.b) if steps is not None else (np.ones(n), np.ones(n))
+    spec = _Spec(step_fn, config, g, a, b, correct, unroll, fallback, keep_outputs)
+    return _program(model_fn, spec)(params, x)

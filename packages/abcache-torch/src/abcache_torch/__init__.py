@@ -1,13 +1,15 @@
 """abcache-torch: AB-Cache for any PyTorch denoiser.
 
-The model runs only at the steps of abcore's plan; at the others its output is predicted
-by Lagrange / Adams-Bashforth extrapolation through the last `order` computed outputs at
-their real step times (paper, Sections 3.3-3.4).
+The model runs only at the compute steps of abcore's step rule; at the others its output is
+predicted by Lagrange / Adams-Bashforth extrapolation through the last `order` computed outputs
+at their real step times (paper, Sections 3.3-3.4, Eq. 3.5), and with the sampler's
+`abcore.LinearSteps` a computed step corrects the predicted ones before it.
 """
 
-from abcache_torch._samplers import sample_ddim_eps, sample_flow_euler
-from abcache_torch._state import DEFAULT_CONTEXT, CacheState, accumulation_dtype, extrapolate
+from abcache_torch._engine import DEFAULT_CONTEXT, CacheEngine, Cursor
+from abcache_torch._history import History, accumulation_dtype, extrapolate
 from abcache_torch._stats import CacheStats, ContextStats
+from abcache_torch._steps import ddim_eps_step, flow_euler_step, sample
 from abcache_torch._tree import TreeDef, flatten
 from abcache_torch._wrapper import TIME_KEYWORDS, ABCache, input_key
 
@@ -15,15 +17,18 @@ __all__ = [
     "DEFAULT_CONTEXT",
     "TIME_KEYWORDS",
     "ABCache",
-    "CacheState",
+    "CacheEngine",
     "CacheStats",
     "ContextStats",
+    "Cursor",
+    "History",
     "TreeDef",
     "accumulation_dtype",
+    "ddim_eps_step",
     "extrapolate",
     "flatten",
+    "flow_euler_step",
     "input_key",
-    "sample_ddim_eps",
-    "sample_flow_euler",
+    "sample",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -8,47 +8,58 @@ from typing import Any
 import abcore
 import torch
 
-from abcache_torch._state import CacheState
+from abcache_torch._engine import CacheEngine
 from abcache_torch._stats import CacheStats
 
-TIME_KEYWORDS = ("timestep", "sigma", "t")
+TIME_KEYWORDS = ("timestep", "timesteps", "sigma", "t")
 
 TimeFn = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 
 
 def input_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-    """Shapes, dtypes and devices of the tensor arguments: a change starts a new generation."""
+    """Shapes, dtypes and devices of the tensor arguments, and ``return_dict``: a change starts a new generation.
+
+    ``return_dict`` is part of it because it chooses the structure of the output a prediction rebuilds.
+    """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     tensors += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
-    return tuple((tuple(a.shape), a.dtype, a.device) for a in tensors)
+    key = tuple((tuple(a.shape), a.dtype, a.device) for a in tensors)
+    return (*key, ("return_dict", kwargs["return_dict"])) if "return_dict" in kwargs else key
 
 
 class ABCache:
     """AB-Cache around any PyTorch denoiser (an `nn.Module` or a callable), called exactly like it.
 
-    At compute steps of the plan it calls the model and stores the output; at the other steps it
-    returns sum_j w_j H_j, the Lagrange extrapolation through the last ``config.order`` computed
-    outputs at their real step times (paper, Eq. 3.5), with weights from abcore. Outputs may be
-    tensors, tuples, lists, dicts or dataclass outputs (diffusers' ``Transformer2DModelOutput``).
+    At compute steps it calls the model and stores the output; at the other steps it returns
+    sum_j w_j H_j, the Lagrange extrapolation through the last ``config.order`` computed outputs at
+    their real step times (paper, Eq. 3.5), with weights from abcore's step rule. With the sampler's
+    `steps` a computed step returns f_n + sum_l c_l [f_n, H]_l, the correction of the predicted
+    steps before it (the history keeps the raw f_n). Outputs may be tensors, tuples, lists, dicts
+    or dataclass outputs (diffusers' ``Transformer2DModelOutput``).
 
     Args:
         model: the denoiser. Unknown attributes of the wrapper are looked up on it.
-        config: an ``abcore.ABConfig`` (default ``ABConfig()``: order 2, interval 3, warm-up 2).
+        config: an ``abcore.ABConfig`` (default ``ABConfig()``: order 2, interval 5, warm-up 2,
+            cool-down 4, which needs `times` or `num_steps`).
         time_arg: where the step time is in a call: a positional index or a keyword name. Default:
-            the keyword ``timestep``, ``sigma`` or ``t`` when given, else the second positional argument.
+            the keyword ``timestep``, ``timesteps``, ``sigma`` or ``t`` when given, else the second
+            positional argument.
         time_fn: ``time_fn(args, kwargs) -> time`` instead of `time_arg` (e.g. to map a timestep to lambda).
         times: the step times of each generation as `time_fn` / `time_arg` gives them, one per call.
-            Announcing them executes ``abcore.make_plan`` (cool-down and masks included) and takes the
-            step index from a call counter, so a tensor time is never read: the predicted path does
-            not synchronise with the device. A generation is then ``len(times)`` calls per context.
+            Announcing them executes ``abcore.make_plan`` (cool-down and masks included); a generation
+            is ``len(times)`` calls per context, and a call at the grid's first time restarts one.
         num_steps: the number of steps when the times are not known in advance (enables cool-down).
+        steps: the sampler's ``abcore.LinearSteps`` (``LinearSteps.euler(sigmas)``, ``.ddim(...)``),
+            which enables the correction (``config.correct``; ``correct=True`` requires them).
         check_finite: recompute the step when a prediction is not finite (counted in
-            ``stats.fallbacks``; one boolean read from the device). Default: on unless `times` is given.
+            ``stats.fallbacks``; one boolean read from the device per predicted step).
         process_group: the ``torch.distributed`` group whose ranks must agree in adaptive mode.
 
-    A time given as a tensor (0-d, or a batch of equal values) is read as a Python float unless
-    `times` is announced. Separate CFG calls need ``with cache.context("cond"):`` / ``("uncond")``;
-    without a context every call goes to the history "default" (batched CFG needs nothing).
+    The time of every call is read as a Python float, a tensor one (0-d, or a batch of equal values)
+    included: one host read per call, which is what lets an interrupted generation be noticed (a loop
+    that cannot afford it calls `CacheEngine.predict(None)` / `store`, or `abcache_torch.sample`).
+    Separate CFG calls need ``with cache.context("cond"):`` / ``("uncond")``; without a context every
+    call goes to the history "default" (batched CFG needs nothing).
     """
 
     def __init__(
@@ -60,7 +71,8 @@ class ABCache:
         time_fn: TimeFn | None = None,
         times: Sequence[float] | None = None,
         num_steps: int | None = None,
-        check_finite: bool | None = None,
+        steps: abcore.LinearSteps | None = None,
+        check_finite: bool = True,
         process_group: Any = None,
     ) -> None:
         if not callable(model):
@@ -76,19 +88,13 @@ class ABCache:
                 raise ValueError(f"time_arg must be a positional index >= 0, got {time_arg}")
         if time_fn is not None and not callable(time_fn):
             raise TypeError(f"time_fn must be callable as time_fn(args, kwargs), got {type(time_fn).__name__}")
-        if check_finite is not None and not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite must be a bool or None, got {check_finite!r}")
         self.model = model
         self.time_arg = time_arg
         self.time_fn = time_fn
-        self._check_finite = check_finite
-        self.state = CacheState(
-            config,
-            times,
-            num_steps=num_steps,
-            check_finite=times is None if check_finite is None else check_finite,
-            process_group=process_group,
+        self.engine = CacheEngine(
+            config, times, num_steps=num_steps, steps=steps, check_finite=check_finite, process_group=process_group
         )
+        self.engine.validate()  # cool-down / mask / correct=True without what they need: fail here, not later
 
     def __getattr__(self, name: str) -> Any:
         model = self.__dict__.get("model")
@@ -98,28 +104,33 @@ class ABCache:
 
     @property
     def config(self) -> abcore.ABConfig:
-        return self.state.config
+        return self.engine.config
 
     @property
     def stats(self) -> CacheStats:
-        return self.state.stats
+        return self.engine.stats
 
     def context(self, name: str) -> Any:
         """``with cache.context("uncond"): cache(x, t, ...)``: route calls to the history `name`."""
-        return self.state.context(name)
+        return self.engine.context(name)
 
     def reset(self) -> None:
         """Start a new generation in every context (keeps the stats)."""
-        self.state.reset()
+        self.engine.reset()
 
     def reset_stats(self) -> None:
-        self.state.reset_stats()
+        self.engine.reset_stats()
 
-    def set_grid(self, times: Sequence[float] | None = None, *, num_steps: int | None = None) -> None:
-        """Announce (or forget) the step times of the coming generations; resets the histories."""
-        self.state.set_grid(times, num_steps=num_steps)
-        if self._check_finite is None:
-            self.state.check_finite = times is None
+    def set_grid(
+        self,
+        times: Sequence[float] | None = None,
+        *,
+        num_steps: int | None = None,
+        steps: abcore.LinearSteps | None = None,
+    ) -> None:
+        """Announce (or forget) the step times (and steps) of the coming generations; resets the histories."""
+        self.engine.set_grid(times, num_steps=num_steps, steps=steps)
+        self.engine.validate()
 
     def read_time(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The raw step time of a call (a number or a tensor), as `time_fn` / `time_arg` locate it."""
@@ -143,27 +154,9 @@ class ABCache:
             "argument); pass time_arg or time_fn"
         )
 
-    def _time_value(self, raw: Any) -> float | None:
-        if isinstance(raw, torch.Tensor):
-            if self.state.grid_announced:
-                return None  # the call counter gives the step: no device read
-            flat = raw.detach().reshape(-1)
-            if flat.numel() == 0:
-                raise ValueError("time: got an empty tensor")
-            if flat.numel() > 1:
-                low, high = torch.aminmax(flat)
-                low_v, high_v = float(low), float(high)
-                if low_v != high_v:
-                    raise ValueError(
-                        f"time: the batch holds different times ({low_v} .. {high_v}); one cache step needs one time"
-                    )
-                return low_v
-            return float(flat[0])
-        return raw
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        time = self._time_value(self.read_time(args, kwargs))
-        return self.state.step(time, lambda: self.model(*args, **kwargs), key=input_key(args, kwargs))
+        time = self.read_time(args, kwargs)  # a tensor time is read from the device (see the class docstring)
+        return self.engine.step(time, lambda: self.model(*args, **kwargs), key=input_key(args, kwargs))
 
     def __repr__(self) -> str:
         name = type(self.model).__name__

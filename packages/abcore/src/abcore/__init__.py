@@ -1,59 +1,57 @@
-"""abcore: exact Adams-Bashforth / Lagrange weights and cache plans for AB-Cache.
+"""abcore: exact Lagrange / Adams-Bashforth weights and the AB-Cache step rule.
 
-Pure numpy + sympy; never imports torch or jax. Adapters execute the plans built here.
+Pure numpy + sympy; never imports torch or jax. The step rule (`decide`, `correction_weights`,
+`after_predicted`, `after_computed` on a `RuleState`) is the one source of every decision and weight:
+`make_plan` folds it over a known grid, `sample` executes it in numpy, and the adapters execute it
+in PyTorch and JAX. The paper's theory is in `abcore.theory`, test helpers in `abcore.testing`.
 """
 
-from abcore._config import SPACINGS, WEIGHTINGS, ABConfig
-from abcore._plan import (
-    CachePlan,
-    PlannerState,
-    StepDecision,
-    accept_prediction,
-    history_weights,
-    make_plan,
-    plan_step,
-    record,
-)
+from abcore._config import ABSCISSAS, PREDICTORS, WEIGHTINGS, ABConfig
+from abcore._plan import CachePlan, make_plan
 from abcore._reference import Trajectory, sample
-from abcore._schedule import lambda_from_alphas_cumprod, lambda_from_sigma, scale_factor, scale_factor_curve
-from abcore._validate import as_times
-from abcore._weights import (
-    Proposition2Report,
-    adams_bashforth_weights,
-    backward_difference_coefficient,
-    barycentric_weights,
-    binomial_weights,
-    extrapolation_weights,
-    multistep_weights,
-    verify_proposition_2,
+from abcore._rule import (
+    Decision,
+    RuleState,
+    accept_prediction,
+    after_computed,
+    after_predicted,
+    correction_weights,
+    decide,
+    history_weights,
+    init_state,
+    node_of,
 )
+from abcore._schedule import lambda_from_alphas_cumprod, lambda_from_sigma
+from abcore._steps import PREDICTIONS, LinearSteps
+from abcore._validate import as_grid, as_times
+from abcore._weights import barycentric_weights, extrapolation_weights
 
 __all__ = [
-    "SPACINGS",
+    "ABSCISSAS",
+    "PREDICTIONS",
+    "PREDICTORS",
     "WEIGHTINGS",
     "ABConfig",
     "CachePlan",
-    "PlannerState",
-    "Proposition2Report",
-    "StepDecision",
+    "Decision",
+    "LinearSteps",
+    "RuleState",
     "Trajectory",
     "accept_prediction",
-    "adams_bashforth_weights",
+    "after_computed",
+    "after_predicted",
+    "as_grid",
     "as_times",
-    "backward_difference_coefficient",
     "barycentric_weights",
-    "binomial_weights",
+    "correction_weights",
+    "decide",
     "extrapolation_weights",
     "history_weights",
+    "init_state",
     "lambda_from_alphas_cumprod",
     "lambda_from_sigma",
     "make_plan",
-    "multistep_weights",
-    "plan_step",
-    "record",
+    "node_of",
     "sample",
-    "scale_factor",
-    "scale_factor_curve",
-    "verify_proposition_2",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

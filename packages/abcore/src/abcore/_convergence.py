@@ -37,6 +37,7 @@ import numpy as np
 
 from abcore._config import ABConfig
 from abcore._reference import sample
+from abcore._steps import LinearSteps
 from abcore._weights import extrapolation_weights, multistep_weights
 
 GRIDS: tuple[str, ...] = ("equal", "random", "shifted", "jitter")
@@ -181,10 +182,13 @@ def _euler(x: np.ndarray, out: np.ndarray, t0: float, t1: float) -> np.ndarray:
     return x + (t1 - t0) * out
 
 
-def cache_deviation(ode: SyntheticODE, times: np.ndarray, k: int, interval: int = 3) -> float:
-    """||x_cached - x_full|| at the end: Euler with AB-Cache (order k, warmup k) against Euler every step."""
+def cache_deviation(ode: SyntheticODE, times: np.ndarray, k: int, interval: int = 3, correct: bool = False) -> float:
+    """||x_cached - x_full|| at the end: Euler with AB-Cache (order k, warmup k, no cool-down) against Euler
+    every step; `correct` adds the correction of predicted steps (with the last step computed)."""
     x0 = ode.exact(times[0])
-    cached = sample(ode.f, x0, times, _euler, ABConfig(order=k, interval=interval, warmup=k)).x
+    config = ABConfig(order=k, interval=interval, warmup=k, cooldown=int(correct), correct=correct)
+    steps = LinearSteps.euler(times) if correct else None
+    cached = sample(ode.f, x0, times, _euler, config, steps=steps).x
     full = x0
     for t0, t1 in itertools.pairwise(times):
         full = _euler(full, ode.f(full, t0), t0, t1)

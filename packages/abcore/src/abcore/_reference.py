@@ -1,4 +1,4 @@
-"""The numpy reference executor that every adapter is tested against."""
+"""`sample`: the numpy reference executor of the step rule, which every adapter is tested against."""
 
 from __future__ import annotations
 
@@ -8,64 +8,99 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from abcore._config import ABConfig
-from abcore._plan import PlannerState, accept_prediction, plan_step, record
-from abcore._validate import as_times
+from abcore._plan import check_steps
+from abcore._rule import (
+    accept_prediction,
+    after_computed,
+    after_predicted,
+    correction_weights,
+    decide,
+    init_state,
+    node_of,
+)
+from abcore._steps import LinearSteps
+from abcore._validate import as_grid
 
 ModelFn = Callable[[np.ndarray, float], np.ndarray]
 StepFn = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]
 
 
 class Trajectory(NamedTuple):
-    """Result of `sample`: the final state, which steps computed, and the outputs used."""
+    """Result of `sample`: the final state, which steps computed, and the outputs the sampler used."""
 
-    x: np.ndarray
-    computed: np.ndarray
-    outputs: list[np.ndarray]
+    x: Any
+    computed: Any
+    outputs: Any
+
+
+def _weighted(weights: Any, entries: list[np.ndarray]) -> np.ndarray:
+    return sum(float(w) * h for w, h in zip(weights, entries))  # type: ignore[return-value]
 
 
 def sample(
     model_fn: ModelFn,
     x: Any,
-    times: Any,
-    step_fn: StepFn,
+    grid: Any,
+    step_fn: StepFn | None,
     config: ABConfig,
+    *,
+    steps: LinearSteps | None = None,
     callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> Trajectory:
-    """Run a sampler with AB-Cache: x_{i+1} = step_fn(x_i, out_i, times[i], times[i+1]).
+    """Run a sampler with AB-Cache: x_{i+1} = step_fn(x_i, out_i, grid[i], grid[i+1]).
 
-    `times` has n + 1 entries for n steps (the last is where the sampler ends, e.g.
-    sigma = 0; the model is never called there). out_i is model_fn(x_i, times[i]) at
-    computed steps and the plan's extrapolation from the last computed outputs at
-    predicted steps; a non-finite prediction falls back to a model call. Decisions
-    are made step by step, so fixed and adaptive configs run through the same loop.
+    `grid` has n + 1 entries for n steps (the last is where the sampler ends, e.g. sigma = 0;
+    the model is never called there). out_i is model_fn(x_i, grid[i]) at computed steps and the
+    rule's extrapolation sum_j w_j H_j (Eq. 3.5) at predicted ones; a non-finite prediction falls
+    back to a model call. `steps`: the sampler's `LinearSteps` (x_{i+1} = a_i x_i + b_i out_i),
+    which enables the correction of predicted steps (``config.correct``): at a computed step the
+    output used is f_n + sum_l c_l [f_n, H]_l. With `steps` and no `step_fn` the step is `steps.apply`.
     """
-    t = as_times(times, "times")
-    if t.size < 2:
-        raise ValueError(f"times must hold at least 2 entries (n steps need n + 1), got {t.size}")
+    t = as_grid(grid)
     n = t.size - 1
+    check_steps(steps, n)
+    if step_fn is None:
+        if steps is None:
+            raise ValueError("step_fn is required unless steps=LinearSteps(...) gives the step")
+        step_fn = _linear_step(steps, t)
+    correct = config.corrects(steps is not None)
+    forced = config.forced_mask(n)
     x = np.asarray(x)
-    state = PlannerState()
+    state = init_state(config, config.max_run)
     history: list[np.ndarray] = []
     computed = np.zeros(n, dtype=bool)
     outputs: list[np.ndarray] = []
     for i in range(n):
-        decision = plan_step(config, state, t[i], n)
+        node = node_of(config, float(i), t[i])
+        decision = decide(config, state, node, forced[i])
         out = None
         if not decision.compute:
-            out = sum(w * h for w, h in zip(decision.weights, history))
+            out = _weighted(decision.weights, history)
             if config.tolerance is not None:
-                delta = sum(e * h for e, h in zip(decision.error_weights, history))
+                delta = _weighted(decision.error_weights, history)
                 if not accept_prediction(np.sum(delta**2), np.sum(out**2), config.tolerance):
                     out = None
             if out is not None and not np.all(np.isfinite(out)):
                 out = None
+        a, b = (float(steps.a[i]), float(steps.b[i])) if steps is not None else (1.0, 1.0)
         if out is None:
-            out = np.asarray(model_fn(x, float(t[i])))
-            history = [out, *history][: config.order]
+            f = np.asarray(model_fn(x, float(t[i])))
+            out = f
+            if correct:
+                out = f + _weighted(correction_weights(config, state, node, a, b), [f, *history])
+            history = [f, *history][: config.order]
+            state = after_computed(state, node)
             computed[i] = True
-        state = record(config, state, decision, bool(computed[i]))
+        else:
+            state = after_predicted(state, node, a, b)
         outputs.append(out)
         x = step_fn(x, out, float(t[i]), float(t[i + 1]))
         if callback is not None:
             callback(i, x, out)
     return Trajectory(x, computed, outputs)
+
+
+def _linear_step(steps: LinearSteps, grid: np.ndarray) -> StepFn:
+    """`steps.apply` as a step function of (x, out, t, t_next), locating the step by its time."""
+    index = {float(v): j for j, v in enumerate(grid[:-1])}
+    return lambda x, out, t, t_next: steps.apply(index[t], x, out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from abcore import ABConfig
+from abcore import ABConfig, LinearSteps
 
 from .compare import FlowSetup, Run
 from .models import weights_dir
@@ -29,11 +29,12 @@ def sample_flow_jax(setup: FlowSetup, config: ABConfig, steps: int = 50) -> Run:
     model_fn = flow_model_fn(module, np.asarray(setup.labels), guidance_scale=setup.guidance_scale)
     scheduler = setup.default_scheduler
     scheduler.set_timesteps(steps)
-    times = np.asarray(scheduler.sigmas, dtype=np.float64)  # n + 1 entries, ending at 0
+    grid = np.asarray(scheduler.sigmas, dtype=np.float64)  # n + 1 entries, ending at 0
+    linear = LinearSteps.euler(grid)  # the scheduler's Euler step: corrected like the torch hook (correct=None)
     x = jnp.asarray(setup.latents.numpy())
 
     def run() -> tuple[np.ndarray, int]:
-        traj = sample(model_fn, params, x, times, flow_euler_step, config)
+        traj = sample(model_fn, params, x, grid, flow_euler_step, config, steps=linear)
         return np.asarray(jax.block_until_ready(traj.x)), int(np.asarray(traj.computed).sum())
 
     run()  # compile

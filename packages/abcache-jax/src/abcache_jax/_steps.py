@@ -1,9 +1,11 @@
 """Step functions for `sample`: the solver update x_{i+1} = step_fn(x_i, out_i, t_i, t_{i+1}).
 
-Each works on the abscissa its plan's weights are computed on, so that the predicted
-outputs are extrapolated on the real times (abcore's convention):
-- flow matching: times are sigma, the model output is the velocity;
-- eps prediction on a VP schedule: times are lambda = log(alpha / sigma).
+Each works on the grid its rule extrapolates on, so that predicted outputs are extrapolated on
+the real times (abcore's convention), and each is linear in the output, x' = a x + b out, with
+the coefficients of an `abcore.LinearSteps` (pass it as ``steps=`` to enable the correction):
+- `flow_euler_step`: grid = sigma, output = velocity; ``LinearSteps.euler(grid)``;
+- `ddim_eps_step`: grid = lambda = log(alpha / sigma) on a VP schedule, output = eps;
+  ``LinearSteps.ddim(*vp_alpha_sigma(grid))``.
 Arithmetic runs in at least float32 and the result keeps x's dtype (bf16 stays bf16).
 """
 
@@ -14,12 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from abcache_jax._state import PyTree, _accumulation_dtype
+from abcache_jax._history import PyTree, accumulation_dtype
 
 
 def _leafwise(fn: Any, x: PyTree, out: PyTree) -> PyTree:
     def apply(xi: jax.Array, oi: jax.Array) -> jax.Array:
-        acc = jnp.promote_types(_accumulation_dtype(xi.dtype), _accumulation_dtype(oi.dtype))
+        acc = jnp.promote_types(accumulation_dtype(xi.dtype), accumulation_dtype(oi.dtype))
         return fn(xi.astype(acc), oi.astype(acc), acc).astype(xi.dtype)
 
     return jax.tree.map(apply, x, out)
@@ -50,7 +52,7 @@ def ddim_eps_step(x: PyTree, eps: PyTree, lam: Any, lam_next: Any) -> PyTree:
 
     x_next = alpha' x0 + sigma' eps with x0 = (x - sigma eps) / alpha, written as the
     first-order DPM-Solver update x_next = (alpha'/alpha) x - sigma' (e^h - 1) eps,
-    h = lambda' - lambda (order 1). Use times = abcore.lambda_from_alphas_cumprod(...).
+    h = lambda' - lambda (order 1). Use grid = abcore.lambda_from_alphas_cumprod(...).
     """
 
     def update(xi: jax.Array, ei: jax.Array, acc: Any) -> jax.Array:
@@ -60,3 +62,8 @@ def ddim_eps_step(x: PyTree, eps: PyTree, lam: Any, lam_next: Any) -> PyTree:
         return (alpha_next / alpha) * xi - sigma_next * jnp.expm1(hi - lo) * ei
 
     return _leafwise(update, x, eps)
+
+
+def linear_step(x: PyTree, out: PyTree, a: Any, b: Any) -> PyTree:
+    """x' = a x + b out leaf by leaf: the step of an `abcore.LinearSteps` (``step_fn=None``)."""
+    return _leafwise(lambda xi, oi, acc: jnp.asarray(a, acc) * xi + jnp.asarray(b, acc) * oi, x, out)
