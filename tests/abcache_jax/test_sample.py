@@ -167,7 +167,7 @@ def test_compiled_flops_grow_with_computed_steps_not_steps():
         assert sum(mask) == m
         grid = np.linspace(1.0, 0.0, n + 1)
         run = jax.jit(
-            lambda p, x: aj.sample(apply, p, x, grid, aj.flow_euler_step, config, unroll=True, fallback=False).x
+            lambda p, x: aj.sample(apply, p, x, grid, aj.flow_euler_step, config, unroll=True, check_finite=False).x
         )
         return cost(run.lower(params, x0).compile())
 

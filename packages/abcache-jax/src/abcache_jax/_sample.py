@@ -97,13 +97,13 @@ class _Spec:
     b: np.ndarray
     correct: bool
     unroll: int | bool
-    fallback: bool
+    check_finite: bool
     keep_outputs: bool
 
     @property
     def key(self) -> tuple:
         arrays = tuple(v.tobytes() for v in (self.grid, self.a, self.b))
-        return (self.step_fn, self.config, *arrays, self.correct, self.unroll, self.fallback, self.keep_outputs)
+        return (self.step_fn, self.config, *arrays, self.correct, self.unroll, self.check_finite, self.keep_outputs)
 
 
 # Compiled programs per model owner: id(owner) -> (weak reference to owner, {key: jitted program}).
@@ -208,7 +208,7 @@ def _run(owner_ref: Callable[[], Any], func: Any, spec: _Spec, params: PyTree, x
             if config.adaptive:
                 delta = weighted_sum(history.outputs, decision.error_weights)
                 ok = accept_prediction(sum_of_squares(delta), sum_of_squares(pred), tolerance, xp=jnp)
-            if spec.fallback:  # a non-finite prediction computes instead, as in abcore.sample
+            if spec.check_finite:  # a non-finite prediction computes instead, as in abcore.sample
                 ok = ok & all_finite(pred)
             return pred, ok
 
@@ -301,7 +301,7 @@ def sample(
     *,
     steps: LinearSteps | None = None,
     unroll: int | bool = 1,
-    fallback: bool = True,
+    check_finite: bool = True,
     keep_outputs: bool = False,
 ) -> Trajectory:
     """Run a sampler with AB-Cache under `jax.jit`: x_{i+1} = step_fn(x_i, out_i, grid[i], grid[i+1]).
@@ -331,7 +331,7 @@ def sample(
             ``LinearSteps.ddim(*vp_alpha_sigma(grid))`` for `ddim_eps_step`.
         unroll: passed to `lax.scan`. With ``unroll=True`` XLA folds the schedule's constant
             flags, so the program holds one model call per computed step.
-        fallback: a non-finite prediction runs the model instead, as abcore.sample does (default).
+        check_finite: a non-finite prediction runs the model instead, as abcore.sample does (default).
             False drops that guard: then with ``unroll=True`` predicted steps contain no model call.
         keep_outputs: also return the (n, ...) stacked outputs used at every step.
 
@@ -353,8 +353,8 @@ def sample(
     config.check_num_steps(n)
     if step_fn is None and steps is None:
         raise ValueError("step_fn is required unless steps=abcore.LinearSteps(...) gives the step")
-    if not isinstance(fallback, bool) or not isinstance(keep_outputs, bool):
-        raise ValueError(f"fallback and keep_outputs must be bools, got {fallback!r}, {keep_outputs!r}")
+    if not isinstance(check_finite, bool) or not isinstance(keep_outputs, bool):
+        raise ValueError(f"check_finite and keep_outputs must be bools, got {check_finite!r}, {keep_outputs!r}")
     a, b = (steps.a, steps.b) if steps is not None else (np.ones(n), np.ones(n))
-    spec = _Spec(step_fn, config, g, a, b, correct, unroll, fallback, keep_outputs)
+    spec = _Spec(step_fn, config, g, a, b, correct, unroll, check_finite, keep_outputs)
     return _program(model_fn, spec)(params, x)
