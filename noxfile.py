@@ -1,10 +1,10 @@
 """One noxfile for the monorepo: each package is tested as installed (non-editable).
 
-nox -s tests          every package's tests, then the integration tests
+nox -s tests          every package's tests (abcache-diffusers on diffusers 0.40, 0.41 and the newest), then the examples'
 nox -s lint           ruff check + format check
 nox -s typecheck      mypy over all packages
-nox -s demo           the main job: `abcache demo` on the shipped models
-nox -s bench          regenerate BENCHMARKS.md and the Pareto plot
+nox -s demo           the main job: `abcache demo` on the shipped zoo
+nox -s bench          regenerate BENCHMARKS.md, the Pareto plots and image strips (every zoo model)
 """
 
 from __future__ import annotations
@@ -27,16 +27,31 @@ PACKAGES = {
         [TORCH, "./packages/abcore", "./packages/abcache-torch", "./packages/abcache-diffusers[test]"],
         "tests/abcache_diffusers",
     ),
-    "integration": (
+    # the older diffusers we support: 0.40 passes cache contexts by name, 0.41 as CacheContext objects
+    **{
+        f"abcache-diffusers-{v}": (
+            [
+                TORCH,
+                "./packages/abcore",
+                "./packages/abcache-torch",
+                "./packages/abcache-diffusers[test]",
+                f"diffusers~={v}.0",
+            ],
+            "tests/abcache_diffusers",
+        )
+        for v in ("0.40", "0.41")
+    },
+    "abcache-examples": (
         [
             TORCH,
             "./packages/abcore",
             "./packages/abcache-torch",
             "./packages/abcache-jax[flax]",
-            "./packages/abcache-diffusers[demo]",
+            "./packages/abcache-diffusers",
+            "./packages/abcache-examples",
             "scikit-image",  # the reference SSIM the metrics are checked against
         ],
-        "tests/integration",
+        "tests/abcache_examples",
     ),
 }
 
@@ -60,7 +75,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     _install_all(session, "mypy>=1.10")
-    session.run("mypy", "-p", "abcore", "-p", "abcache_torch", "-p", "abcache_jax", "-p", "abcache_diffusers")
+    packages = ("abcore", "abcache_torch", "abcache_jax", "abcache_diffusers", "abcache_examples")
+    session.run("mypy", *(arg for name in packages for arg in ("-p", name)))
 
 
 def _install_all(session: nox.Session, *extra: str) -> None:
@@ -70,7 +86,8 @@ def _install_all(session: nox.Session, *extra: str) -> None:
         "./packages/abcore",
         "./packages/abcache-torch",
         "./packages/abcache-jax[flax]",
-        "./packages/abcache-diffusers[demo]",
+        "./packages/abcache-diffusers",
+        "./packages/abcache-examples",
     )
 
 
@@ -83,4 +100,4 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     _install_all(session)
-    session.run("python", "-m", "abcache_diffusers.bench", *session.posargs, env=ENV)
+    session.run("python", "-m", "abcache_examples.bench", *session.posargs, env=ENV)

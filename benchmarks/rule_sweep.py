@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 STEPS = 50
-DEMO = Path(__file__).resolve().parents[1] / "packages/abcache-diffusers/src/abcache_diffusers/demo"
+DEMO = Path(__file__).resolve().parents[1] / "packages/abcache-examples/src/abcache_examples"
 
 
 def _demo_models():  # the model definitions only, without importing the library that caches them

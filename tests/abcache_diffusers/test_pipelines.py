@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -87,12 +90,15 @@ def test_predictions_use_the_schedulers_real_spacing(pipeline, tiny):
 
 
 def test_histories_are_released_at_the_end_of_each_call(pipeline, tiny):
-    _, pipe, kwargs, _ = pipeline
+    name, pipe, kwargs, _ = pipeline
+    if "maybe_free_model_hooks" not in inspect.getsource(type(pipe).__call__):
+        pytest.skip(f"{type(pipe).__name__} of diffusers {diffusers.__version__} does not reset hooks after a call")
     enable_ab_cache(pipe)
     tiny.run(pipe, kwargs)
     hook = get_ab_cache_hook(tiny.denoiser_of(pipe))
-    assert hook._engines  # the call used the engines ...
-    assert all(engine.history_length(ctx) == 0 for ctx, engine in hook._engines.items())  # ... and reset them
+    engines = hook._engines.values()
+    assert engines and sum(engine.stats.computed for engine in engines)  # the call used the engines ...
+    assert all(engine.history_length(ctx) == 0 for engine in engines for ctx in tiny.CONTEXTS[name])  # ... reset
 
 
 @pytest.mark.parametrize("name", ["flux", "ddim"])

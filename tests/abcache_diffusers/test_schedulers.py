@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import diffusers
 import numpy as np
 import pytest
@@ -86,6 +88,7 @@ SCHEDULERS = [
     ("EulerDiscreteScheduler", dict(), "dit"),
     ("HeunDiscreteScheduler", dict(), "dit"),
     ("KDPM2DiscreteScheduler", dict(), "dit"),
+    ("DPMSolverSDEScheduler", dict(), "dit"),  # needs torchsde (the [test] extra)
     ("PNDMScheduler", dict(), "dit"),
     ("EulerAncestralDiscreteScheduler", dict(), "dit"),
     ("DDPMScheduler", dict(), "dit"),
@@ -101,6 +104,8 @@ def _run(tiny, pipe, kwargs):
 
 
 def _with_scheduler(tiny, name, options, pipeline):
+    if name == "DPMSolverSDEScheduler":
+        pytest.importorskip("torchsde", reason="DPMSolverSDEScheduler imports torchsde (the [test] extra)")
     pipe, kwargs = tiny.BUILDERS[pipeline]()
     config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     pipe.scheduler = getattr(diffusers, name).from_config(config, **options)
@@ -135,6 +140,27 @@ def test_kdpm2_calls_sit_at_their_interpolated_sigmas(tiny):
     np.testing.assert_allclose(grid[0::2], s.sigmas.double().numpy()[0 : grid.size : 2])
     np.testing.assert_allclose(grid[1::2], s.sigmas_interpol.double().numpy()[1 : grid.size : 2])
     assert np.all(np.diff(grid) < 0)
+
+
+def test_dpm_sde_calls_sit_at_the_sigma_the_scheduler_evaluates_them(tiny):
+    # DPMSolverSDEScheduler's `sigmas` repeats each sigma; its second-order calls are at the log-sigma midpoint
+    pipe, kwargs, _ = _with_scheduler(tiny, "DPMSolverSDEScheduler", {}, "dit")
+    s, evaluated = pipe.scheduler, []
+    forward = pipe.transformer.forward
+
+    @functools.wraps(forward)
+    def record(*args, **kw):
+        sigma = s.sigmas[s.step_index] if s.state_in_first_order else s.mid_point_sigma
+        evaluated.append(float(sigma))
+        return forward(*args, **kw)
+
+    pipe.transformer.forward = record
+    enable_ab_cache(pipe, ABCacheConfig(abscissa="sigma", interval=1))
+    _run(tiny, pipe, kwargs)
+    grid = get_ab_cache_hook(pipe.transformer).grid
+    assert len(evaluated) == grid.size == len(s.timesteps)
+    np.testing.assert_allclose(grid, evaluated, rtol=1e-6)
+    assert np.all(np.diff(grid) < 0) and not np.any(stages(grid))  # one history, as on abscissa="timestep"
 
 
 def test_from_pipe_with_a_new_scheduler_caches_like_a_freshly_enabled_pipeline(tiny):

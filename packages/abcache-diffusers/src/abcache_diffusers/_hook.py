@@ -2,13 +2,15 @@
 
 One stateful `ModelHook` on the denoiser. Each call is placed on the scheduler's grid (its step index), its
 abscissa (sigma or lambda) is looked up there, and the call is routed to the history of its cache context
-(`cache_context("cond")`, ...). The history, the plan and the extrapolation are `abcache_torch.CacheState`'s,
-one engine per context, each announced the part of the grid that context will run.
+(`cache_context("cond")`, ...). The histories, the plan and the extrapolation are `abcache_torch.CacheEngine`'s.
+The contexts that start at the same step share one engine, announced the part of the grid they run, so that the
+adaptive mode takes one decision per step for all of them (cond and uncond make the same calls).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import warnings
 import weakref
@@ -26,11 +28,11 @@ from abcache_diffusers._config import ABCacheConfig, as_config
 from abcache_diffusers._spacing import (
     _numpy,
     abscissa_grid,
+    call_stages,
     linear_steps,
     nonlinear_reason,
     resolve_abscissa,
     resolve_weighting,
-    stages,
     step_index,
     timestep_scale,
 )
@@ -47,19 +49,26 @@ class _NoState(BaseState):
 
 
 class _ContextTracker(StateManager):
-    """Receives the pipeline's `cache_context(name)` (diffusers sets it on every StateManager of a stateful hook)."""
+    """Receives the pipeline's `cache_context`: a name (diffusers 0.40) or a `CacheContext` (0.41+).
+
+    A `CacheContext` may also carry the loop's `step_index`, `sigma` and `num_inference_steps`.
+    """
 
     def __init__(self) -> None:
         super().__init__(_NoState)  # type: ignore[arg-type]  # diffusers annotates the class as an instance
-        self.name: str | None = None
+        self.set_context(None)
 
     def set_context(self, context: Any) -> None:
         super().set_context(context)
-        self.name = None if context is None else context.name
+        named = context is None or isinstance(context, str)
+        self.name: str | None = context if named else context.name
+        self.step_index: int | None = None if named else getattr(context, "step_index", None)
+        self.sigma: float | None = None if named else getattr(context, "sigma", None)
+        self.num_steps: int | None = None if named else getattr(context, "num_inference_steps", None)
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         super().reset(*args, **kwargs)
-        self.name = None
+        self.set_context(None)
 
 
 def _timestep_value(timestep: Any) -> float:
@@ -82,19 +91,22 @@ def _add_stats(target: CacheStats, source: CacheStats) -> None:
 
 class ABCacheHook(ModelHook):
     r"""
-    The stateful AB-Cache hook (see [`apply_ab_cache`]). Holds one `abcache_torch.CacheState` per cache context.
+    The stateful AB-Cache hook (see [`apply_ab_cache`]). Holds one `abcache_torch.CacheEngine` per group of cache
+    contexts that start at the same step (their adaptive decisions are joint).
     """
 
     _is_stateful = True
+    _joint = True  # False: one engine per context, each deciding alone (for measurements)
 
     def __init__(self, config: ABCacheConfig, scheduler: SchedulerSource = None) -> None:
         super().__init__()
         self.config = config
         self.contexts = _ContextTracker()
         self._scheduler = scheduler if scheduler is None or callable(scheduler) else (lambda: scheduler)
-        self._engines: dict[str, CacheEngine] = {}
+        self._engines: dict[tuple, CacheEngine] = {}  # by group: (start index, stage), or ("timestep",)
         self._extra = CacheStats()  # few-step-guard calls, and the counters of replaced engines
         self._timestep_position: int | None = None
+        self._stale: Any = None  # the timesteps of a scheduler found not to be the running one
         self._warned: set[str] = set()
         self._forget_grid()
         self._settings = self._resolve(self.scheduler)
@@ -129,6 +141,11 @@ class ABCacheHook(ModelHook):
                 self._running = owner.scheduler
                 return
             frame = frame.f_back
+
+    def _set_context(self, module: torch.nn.Module, name: str | None) -> torch.nn.Module:
+        """diffusers 0.40 sets the context through the hook (0.41+ sets `self.contexts` directly)."""
+        self.contexts.set_context(name)
+        return module
 
     def _resolve(self, scheduler: Any) -> tuple[str, str]:
         """(abscissa, weighting) on `scheduler`; raises ValueError for a config the scheduler cannot run."""
@@ -172,8 +189,11 @@ class ABCacheHook(ModelHook):
         self._grid: np.ndarray | None = getattr(self, "_grid", None)  # kept for inspection after the call
         self._stages: np.ndarray | None = None  # per call: its history among the calls sharing an abscissa
         self._steps: Any = None  # abcore.LinearSteps over the grid, or None
+        self._sigmas: np.ndarray | None = None  # the scheduler's sigmas, to check the pipeline's CacheContext
         self._scale = 1.0
         self._next: dict[str, int] = {}  # per context: the grid index its next call should have
+        self._group: dict[str, tuple] = {}  # per context: the key of its engine
+        self._announced: set[tuple] = set()  # the groups announced on this grid
         self._last_index: dict[str, int] = {}
         self._repeat: dict[str, int] = {}
         self._guarded: set[str] = set()
@@ -221,10 +241,10 @@ class ABCacheHook(ModelHook):
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=4)
 
-    def _engine(self, name: str) -> CacheEngine:
-        if name not in self._engines:
-            self._engines[name] = CacheEngine(self.config.to_ab_config(self._settings[1]))
-        return self._engines[name]
+    def _engine(self, key: tuple) -> CacheEngine:
+        if key not in self._engines:
+            self._engines[key] = CacheEngine(self.config.to_ab_config(self._settings[1]))
+        return self._engines[key]
 
     def _refresh_grid(self, scheduler: Any, timestep: Any) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps, abscissa grid), recomputed when the scheduler's timesteps changed (new call, steps, strength)."""
@@ -240,7 +260,9 @@ class ABCacheHook(ModelHook):
         self._forget_grid()
         values, grid = _numpy(timesteps), abscissa_grid(scheduler, settings[0])
         self._timesteps_ref, self._timesteps, self._grid = timesteps, values, grid
-        self._stages = stages(grid)
+        self._stages = call_stages(scheduler, grid)
+        sigmas = getattr(scheduler, "sigmas", None)
+        self._sigmas = None if sigmas is None else _numpy(sigmas)
         if self.config.correct is not False and not np.any(self._stages):
             self._steps = linear_steps(scheduler)
         if timestep is not None:
@@ -256,46 +278,140 @@ class ABCacheHook(ModelHook):
         if not getattr(self, "_searched", False):
             self._find_running_scheduler()
         scheduler = self.scheduler
-        if scheduler is None or getattr(scheduler, "timesteps", None) is None:
-            if timestep is None:
-                self._warn_once("no-timestep", f"ab_cache: the call has no {self.config.timestep_arg!r}: not cached")
-                return None, None, base
-            if scheduler is not None:
-                self._warn_once("no-grid", "ab_cache: the scheduler has no timesteps (set_timesteps): not cached")
-                return None, None, base
-            return self._engine(base), _timestep_value(timestep), base
-
-        timesteps, grid = self._refresh_grid(scheduler, timestep)
-        if timestep is None and not isinstance(getattr(scheduler, "step_index", None), int):
+        if scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
+            timesteps, grid = self._refresh_grid(scheduler, timestep)
+            if timestep is not None or isinstance(getattr(scheduler, "step_index", None), int):
+                index = self._index(scheduler, timesteps, timestep, base)
+                if index is not None:
+                    return self._route_on_grid(base, index, grid)
+        if self._context_knows_the_step():
+            return self._route_on_context(base, timestep)
+        if timestep is None:
             self._warn_once("no-timestep", f"ab_cache: the call has no {self.config.timestep_arg!r}: not cached")
             return None, None, base
-        index = step_index(scheduler, timesteps, lambda: _timestep_value(timestep), self._scale)
-        # a second call at the same step in the same context (no context set, several calls per step) gets its own
+        if scheduler is not None:
+            self._warn_once("no-grid", "ab_cache: the scheduler has no timesteps (set_timesteps): not cached")
+            return None, None, base
+        return self._engine(("timestep",) if self._joint else ("timestep", base)), _timestep_value(timestep), base
+
+    def _index(self, scheduler: Any, timesteps: np.ndarray, timestep: Any, base: str) -> int | None:
+        """The call's index on `timesteps`, or None when `scheduler` is not the one running (warned once).
+
+        The pipeline's `CacheContext.step_index` when it passes one for this grid, else the scheduler's own counter,
+        else the nearest timestep. Checked against the pipeline's `CacheContext.sigma`, or once per context and
+        generation against the timestep received.
+        """
+        ctx, knows = self.contexts, self._context_knows_the_step()
+        if knows and self._stale is scheduler.timesteps:
+            return None
+        if knows and ctx.num_steps == timesteps.size:
+            index = cast(int, ctx.step_index)
+        else:
+            index = step_index(scheduler, timesteps, lambda: _timestep_value(timestep), self._scale)
+        name, sigmas = type(scheduler).__name__, self._sigmas
+        if knows and ctx.sigma is not None and sigmas is not None and index < sigmas.size:
+            if not math.isclose(sigmas[index], float(ctx.sigma), rel_tol=1e-4, abs_tol=1e-6):
+                self._stale = scheduler.timesteps  # until its timesteps are set again
+                self._warn_once(
+                    "stale",
+                    f"ab_cache: the {name} the hook reads is not the running one (sigma {sigmas[index]:.6g} at step "
+                    f"{index}, the pipeline passes {float(ctx.sigma):.6g}): caching on the pipeline's step_index, "
+                    "sigma and num_inference_steps instead",
+                )
+                return None
+        elif timestep is not None and self._next.get(base) != index:  # a context starts: check its timestep
+            nearest = int(np.argmin(np.abs(timesteps - _timestep_value(timestep) * self._scale)))
+            if timesteps[nearest] != timesteps[index]:
+                self._warn_once(
+                    "stale",
+                    f"ab_cache: the {name} the hook reads is not the running one (its step {index} is at timestep "
+                    f"{timesteps[index]:.6g}, the call's timestep is nearest its step {nearest}): placing the calls by "
+                    "their timestep",
+                )
+                index = nearest
+        return index
+
+    def _context_knows_the_step(self) -> bool:
+        """Whether the pipeline's `CacheContext` carries the loop's step_index and num_inference_steps."""
+        i, n = self.contexts.step_index, self.contexts.num_steps
+        return isinstance(i, int) and isinstance(n, int) and 0 <= i < n
+
+    def _name(self, base: str, index: int) -> str:
+        """`base`, or `base_1`, ... for a second call at the same step in the same context (SD3's skip-layer call)."""
         repeat = self._repeat.get(base, 0) + 1 if self._last_index.get(base) == index else 0
         self._repeat[base], self._last_index[base] = repeat, index
-        name = base if repeat == 0 else f"{base}_{repeat}"
+        return base if repeat == 0 else f"{base}_{repeat}"
+
+    def _guard(self, name: str, remaining: int) -> bool:
+        """Whether the few-step guard computes every step of the context `name` from here (warned once)."""
+        if remaining < self.config.min_steps and not self.config.force:
+            self._guarded.add(name)
+            self._warn_once(
+                "few-steps",
+                f"ab_cache: {remaining} denoising steps is below min_steps={self.config.min_steps}: "
+                "computing every step (pass force=True to cache anyway)",
+            )
+            return True
+        self._guarded.discard(name)
+        return False
+
+    def _join(self, name: str, group: tuple) -> CacheEngine | None:
+        """The engine of `group`, which the context `name` joins; None when the group is new (to be announced)."""
+        group = group if self._joint else (*group, name)
+        self._group[name] = group
+        engine = self._engine(group)
+        if group in self._announced:
+            return None
+        self._announced.add(group)
+        return engine
+
+    def _route_on_grid(self, base: str, index: int, grid: np.ndarray) -> tuple[CacheEngine | None, float | None, str]:
+        name = self._name(base, index)
         stage = cast(np.ndarray, self._stages)
         if np.any(stage):  # an abscissa repeats (second-order schedulers): one history per stage
             name = f"{name}/stage{stage[index]}"
         if self._next.get(name) != index:  # the context starts (or jumps): announce the rest of the grid
             mine = index + np.flatnonzero(stage[index:] == stage[index])
-            remaining = grid[mine]
-            if remaining.size < self.config.min_steps and not self.config.force:
-                self._guarded.add(name)
-                self._warn_once(
-                    "few-steps",
-                    f"ab_cache: {remaining.size} denoising steps is below min_steps={self.config.min_steps}: "
-                    "computing every step (pass force=True to cache anyway)",
-                )
-            else:
-                self._guarded.discard(name)
-                self._announce(self._engine(name), remaining, index)
+            if not self._guard(name, mine.size):
+                # contexts starting at the same step share an engine; the first one announces the grid
+                engine = self._join(name, (index, int(stage[index])))
+                if engine is not None:
+                    self._announce(engine, grid[mine], index)
         following = index + 1 + np.flatnonzero(stage[index + 1 :] == stage[index])
         self._next[name] = int(following[0]) if following.size else -1
+        if not following.size:  # this context's generation ends: look for the running pipeline again next call
+            self._searched = False
         if name in self._guarded:
             self._extra.context(name).computed += 1
             return None, None, name
-        return self._engine(name), float(grid[index]), name
+        return self._engines[self._group[name]], float(grid[index]), name
+
+    def _route_on_context(self, base: str, timestep: Any) -> tuple[CacheEngine | None, float | None, str]:
+        """Without the running scheduler: the steps the pipeline's `CacheContext` gives, decided step by step."""
+        ctx = self.contexts
+        index, n = cast(int, ctx.step_index), cast(int, ctx.num_steps)
+        name = self._name(base, index)
+        joined = self._group.get(name, (None,))[0] == "context"
+        if (self._next.get(name) != index or not joined) and not self._guard(name, n - index):
+            engine = self._join(name, ("context", index, n))
+            if engine is not None:
+                engine.set_grid(None, num_steps=n - index)
+        self._next[name] = index + 1 if index + 1 < n else -1
+        if index + 1 >= n:
+            self._searched = False
+        if name in self._guarded:
+            self._extra.context(name).computed += 1
+            return None, None, name
+        if self.abscissa == "index":
+            time = float(index)
+        elif ctx.sigma is not None and (self.abscissa == "sigma" or timestep is None):
+            time = float(ctx.sigma)
+        elif timestep is not None:
+            time = _timestep_value(timestep)
+        else:
+            self._warn_once("no-timestep", f"ab_cache: the call has no {self.config.timestep_arg!r}: not cached")
+            return None, None, name
+        return self._engines[self._group[name]], time, name
 
     def _announce(self, engine: Any, times: np.ndarray, index: int) -> None:
         """`engine.set_grid(times)`, with the step coefficients from `index` on where known (and supported)."""
@@ -329,6 +445,13 @@ class ABCacheHook(ModelHook):
 
     def __repr__(self) -> str:
         return f"ABCacheHook({self.config!r}, abscissa={self._settings[0]!r}, stats={self.stats!r})"
+
+
+def _invalidate(registry: HookRegistry) -> None:
+    """Drop diffusers' cached list of child registries (diffusers 0.41+; 0.40 has no such method)."""
+    invalidate = getattr(registry, "invalidate_child_registries_cache", None)
+    if invalidate is not None:
+        invalidate()
 
 
 def _reset_registry(module_ref: weakref.ref) -> None:
@@ -377,7 +500,7 @@ def apply_ab_cache(
         raise ValueError(f"AB-Cache is already applied to this {type(module).__name__}: call remove_ab_cache first")
     hook = ABCacheHook(config, scheduler)
     registry.register_hook(hook, AB_CACHE_HOOK)
-    registry.invalidate_child_registries_cache()
+    _invalidate(registry)
     # Pipelines reset stateful hooks at the end of each call through `_reset_stateful_cache`, which only
     # `CacheMixin` models define; give the others the same entry point.
     if not hasattr(module, "_reset_stateful_cache"):
@@ -429,7 +552,7 @@ def remove_ab_cache(module: torch.nn.Module) -> None:
     if offload_forward is not None:
         module.__dict__["forward"] = module.__dict__["_old_forward"]
     registry.remove_hook(AB_CACHE_HOOK, recurse=False)
-    registry.invalidate_child_registries_cache()
+    _invalidate(registry)
     if offload_forward is not None:
         module.__dict__["_old_forward"] = module.__dict__["forward"]
         module.__dict__["forward"] = offload_forward

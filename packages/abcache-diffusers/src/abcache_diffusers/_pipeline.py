@@ -56,11 +56,14 @@ def enable_ab_cache(pipe: Any, config: ABCacheConfig | dict | None = None) -> No
         raise ValueError(f"{type(pipe).__name__} has no denoiser: expected one of the components {DENOISER_NAMES}")
     if getattr(pipe, "scheduler", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no scheduler: AB-Cache reads the step grid from pipe.scheduler")
-    pipe_ref = weakref.ref(pipe)
+    pipe_ref, last = weakref.ref(pipe), [pipe.scheduler]
 
     def scheduler() -> Any:
-        current = pipe_ref()
-        return None if current is None else getattr(current, "scheduler", None)
+        """The pipeline's current scheduler; once the pipeline is gone, the last one it had."""
+        current = getattr(pipe_ref(), "scheduler", None)
+        if current is not None:
+            last[0] = current
+        return last[0]
 
     applied = []
     try:

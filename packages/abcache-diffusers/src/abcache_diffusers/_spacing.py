@@ -7,10 +7,11 @@
   with only `alphas_cumprod` (DDIM, DDPM, PNDM): lambda = 0.5 log(abar / (1 - abar)) at the integer timesteps.
 
 Every entry of `scheduler.timesteps` is one model call, at the sigma the scheduler evaluates it (KDPM2's second-order
-calls at its interpolated sigmas). Second-order schedulers (Heun, FlowMatchHeun, PNDM's Runge-Kutta warm-up) call the
-model twice at one abscissa; `stages` splits their calls into strictly monotonic sequences, one history each.
-`linear_steps` gives the step coefficients x_{j+1} = a_j x_j + b_j out_j where the scheduler's step is linear in the
-model output, which the correction of predicted steps needs.
+calls at its interpolated sigmas, DPM-SDE's at the log-sigma midpoint of their step). Second-order schedulers (Heun,
+FlowMatchHeun, PNDM's Runge-Kutta warm-up) call the model twice at one abscissa; `stages` splits their calls into
+strictly monotonic sequences, one history each. `linear_steps` gives the step coefficients
+x_{j+1} = a_j x_j + b_j out_j where the scheduler's step is linear in the model output, which the correction of
+predicted steps needs.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def abscissa_grid(scheduler: Any, abscissa: str) -> np.ndarray:
     if sigmas is not None and interpol is not None:  # KDPM2: the second-order calls (odd entries) are in between
         sigmas = sigmas.copy()
         sigmas[1:n:2] = _numpy(interpol)[1:n:2]
+    elif sigmas is not None and "DPMSolverSDE" in type(scheduler).__name__:
+        # DPMSolverSDEScheduler repeats each sigma in `sigmas`, but evaluates its second-order calls (odd entries)
+        # at the midpoint in log sigma of the step: sqrt(sigma_j * sigma_{j+1})
+        sigmas, odd = sigmas.copy(), np.arange(1, n, 2)
+        sigmas[odd] = np.sqrt(sigmas[odd - 1] * sigmas[odd])
     if abscissa == "index":
         return np.arange(n, dtype=np.float64)
     if abscissa == "timestep":
@@ -152,6 +158,14 @@ def stages(grid: np.ndarray) -> np.ndarray:
         last[stage] = value
         result[i] = stage
     return result
+
+
+def call_stages(scheduler: Any, grid: np.ndarray) -> np.ndarray:
+    """`stages(grid)`, except for DPM-SDE: its midpoint calls see the noise its step injects, so they form a history
+    of their own (stage 1) beside the calls at the step's sigmas (stage 0)."""
+    if "DPMSolverSDE" in type(scheduler).__name__:
+        return np.arange(grid.size, dtype=np.int64) % 2
+    return stages(grid)
 
 
 def nonlinear_reason(scheduler: Any) -> str | None:

@@ -18,7 +18,9 @@ from abcore._rule import after_computed, after_predicted, correction_weights, de
 from abcore._steps import LinearSteps
 from abcore._validate import as_times
 
-AMPLIFICATION_LIMIT = 20.0
+# Measured on the zoo (50 steps, last 4 computed, corrected): order 3 / interval 6 (31x) keeps 48-52 dB on every
+# model; order 3 / interval 8 (71x) falls to 30-36 dB and order 4 / interval 5 (155x) to 17 dB.
+AMPLIFICATION_LIMIT = 50.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def make_plan(config: ABConfig, times: Any, steps: LinearSteps | None = None) ->
     `steps`: the sampler's `LinearSteps` (n entries), which enables the correction (`config.correct`).
     Raises ValueError in adaptive mode, whose decisions depend on the outputs (run the rule step by
     step), and for a schedule that does not fit the grid. Warns when a prediction's weights sum in
-    absolute value to more than 20: such a plan amplifies the model's step-to-step noise into garbage
+    absolute value to more than 50: such a plan amplifies the model's step-to-step noise into garbage
     (an order too high or an interval too long for the grid).
     """
     if config.adaptive:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,17 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models import EPS_SCHEDULER_CONFIG, FLOW_SCHEDULER_CONFIG, NULL_CLASS, load_eps_model, load_flow_model
+from .models import (
+    EPS_SCHEDULER_CONFIG,
+    FLOW_SCHEDULER_CONFIG,
+    NULL_CLASS,
+    V_SCHEDULER_CONFIG,
+    load_eps_model,
+    load_flow_model,
+)
 
 OUTPUT_TYPES = ("np", "pt", "latent")
+_CONTEXT_KWARGS = hasattr(importlib.import_module("diffusers.hooks.hooks"), "CacheContext")  # diffusers >= 0.42
 CFG_MODES = ("separate", "batched")
 
 
@@ -57,9 +66,19 @@ class FlowMatchDiTPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
 
-    def _branch(self, name: str) -> contextlib.AbstractContextManager[None]:
+    def _branch(self, name: str, step_index: int) -> contextlib.AbstractContextManager[None]:
+        """``transformer.cache_context(name, ...)``; with diffusers >= 0.42 it also says where the loop is."""
         cache_context = getattr(self.transformer, "cache_context", None)
-        return cache_context(name) if cache_context is not None else contextlib.nullcontext()
+        if cache_context is None:
+            return contextlib.nullcontext()
+        if not _CONTEXT_KWARGS:
+            return cast(contextlib.AbstractContextManager[None], cache_context(name))
+        sigma = float(self.scheduler.sigmas[step_index])
+        steps = len(self.scheduler.timesteps)
+        return cast(
+            contextlib.AbstractContextManager[None],
+            cache_context(name, step_index=step_index, sigma=sigma, num_inference_steps=steps),
+        )
 
     @torch.no_grad()
     def __call__(
@@ -72,6 +91,7 @@ class FlowMatchDiTPipeline(DiffusionPipeline):
         output_type: str = "np",
         cfg_mode: str = "separate",
         return_dict: bool = True,
+        sigmas: Sequence[float] | None = None,
     ) -> FlowMatchDiTPipelineOutput | tuple:
         r"""Generate one image per entry of ``class_labels`` (ids ``0 .. num_classes - 1``).
 
@@ -85,6 +105,8 @@ class FlowMatchDiTPipeline(DiffusionPipeline):
                 [0, 1]) or ``"latent"`` (the raw ``(N, C, H, W)`` sample, data range [-1, 1], not clamped).
             cfg_mode: ``"separate"`` (cond and uncond calls in their own cache contexts) or ``"batched"``.
             return_dict: return a :class:`FlowMatchDiTPipelineOutput` (else a 1-tuple).
+            sigmas: a custom decreasing sigma grid of ``num_inference_steps`` values (the scheduler shifts it and
+                appends 0), passed to ``scheduler.set_timesteps``.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -108,10 +130,13 @@ class FlowMatchDiTPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if sigmas is not None and len(sigmas) != num_inference_steps:
+            raise ValueError(f"sigmas must have num_inference_steps={num_inference_steps} values, got {len(sigmas)}")
+        custom = {} if sigmas is None else {"sigmas": sigmas}  # DPM-Solver / UniPC take no sigmas
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **custom)
         do_cfg = guidance_scale != 1.0
         null = torch.full_like(labels, NULL_CLASS)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             timestep = t.to(dtype).expand(batch)  # sigma * 1000
             if do_cfg and cfg_mode == "batched":
                 both = self.transformer(
@@ -121,10 +146,10 @@ class FlowMatchDiTPipeline(DiffusionPipeline):
                 ).sample
                 cond, uncond = both.chunk(2)
             else:
-                with self._branch("cond"):
+                with self._branch("cond", i):
                     cond = self.transformer(latents, timestep=timestep, class_labels=labels).sample
                 if do_cfg:
-                    with self._branch("uncond"):
+                    with self._branch("uncond", i):
                         uncond = self.transformer(latents, timestep=timestep, class_labels=null).sample
             velocity = uncond + guidance_scale * (cond - uncond) if do_cfg else cond
             latents = self.scheduler.step(velocity, t, latents).prev_sample
@@ -153,18 +178,22 @@ def flow_pipeline(transformer: torch.nn.Module) -> FlowMatchDiTPipeline:
     return pipe
 
 
-def ddim_pipeline(unet: torch.nn.Module) -> DDIMPipeline:
-    """diffusers' ``DDIMPipeline`` around ``unet``, its DDIMScheduler from the DDPM training config, progress bar off."""
-    pipe = DDIMPipeline(unet=cast(UNet2DModel, unet), scheduler=DDIMScheduler.from_config(EPS_SCHEDULER_CONFIG))
+def ddim_pipeline(unet: torch.nn.Module, name: str = "eps") -> DDIMPipeline:
+    """diffusers' ``DDIMPipeline`` around ``unet``, its DDIMScheduler from the DDPM training config, progress bar off.
+
+    ``name`` is the zoo model: ``"eps"`` (epsilon prediction) or ``"v"`` (v-prediction).
+    """
+    config = V_SCHEDULER_CONFIG if name == "v" else EPS_SCHEDULER_CONFIG
+    pipe = DDIMPipeline(unet=cast(UNet2DModel, unet), scheduler=DDIMScheduler.from_config(config))
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # diffusers' lazy typing
     return pipe
 
 
-def make_flow_pipeline(weights: str | Path | None = None) -> FlowMatchDiTPipeline:
-    """A :class:`FlowMatchDiTPipeline` with the shipped (or ``weights``-folder) flow model."""
-    return flow_pipeline(load_flow_model(weights))
+def make_flow_pipeline(weights: str | Path | None = None, name: str = "flow") -> FlowMatchDiTPipeline:
+    """A :class:`FlowMatchDiTPipeline` with the shipped (or ``weights``-folder) flow model ``name``."""
+    return flow_pipeline(load_flow_model(weights, name))
 
 
-def make_ddim_pipeline(weights: str | Path | None = None) -> DDIMPipeline:
-    """diffusers' ``DDIMPipeline`` with the shipped (or ``weights``-folder) eps model."""
-    return ddim_pipeline(load_eps_model(weights))
+def make_ddim_pipeline(weights: str | Path | None = None, name: str = "eps") -> DDIMPipeline:
+    """diffusers' ``DDIMPipeline`` with the shipped (or ``weights``-folder) UNet ``name`` (``"eps"`` or ``"v"``)."""
+    return ddim_pipeline(load_eps_model(weights, name), name)

@@ -1,4 +1,4 @@
-"""Tests of the demo's quality metrics (abcache_diffusers.demo.metrics)."""
+"""Tests of the demo's quality metrics (abcache_examples.metrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from abcache_diffusers.demo.metrics import (
+from abcache_examples.metrics import (
     accuracy,
     classifier_accuracy,
     classifier_features,
@@ -111,7 +111,7 @@ def test_accuracy_counts_argmax_hits() -> None:
 
 
 def test_classifier_on_held_out_digits() -> None:
-    from abcache_diffusers.demo.data import load_digits16
+    from abcache_examples.data import load_digits16
 
     x, y = load_digits16("test")
     assert classifier_accuracy(x, y) > 0.95

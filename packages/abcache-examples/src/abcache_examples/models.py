@@ -1,4 +1,4 @@
-"""The demo's networks: fixed configs, builders, and loaders for the weights shipped in ``demo/weights``.
+"""The demo's networks: fixed configs, builders, and loaders for the weights shipped in ``weights``.
 
 - flow model: diffusers ``DiTTransformer2DModel``, class-conditional (10 classes + the null class 10 used for
   classifier-free guidance), trained by rectified flow: ``x_t = (1 - sigma) x0 + sigma * noise``, target
@@ -57,11 +57,18 @@ EPS_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
-    "clip_sample": True,
-    "timestep_spacing": "trailing",
+    "clip_sample": False,
+    # "leading" (980, 960, ..., 0): "trailing" starts at alpha = 5e-5, where DDIM without clipping multiplies the
+    # model's error by alpha'/alpha = 640 and the full sampler diverges
+    "timestep_spacing": "leading",
 }
 
-MODEL_NAMES = ("flow", "eps", "classifier")
+# The zoo: flow (DiT, velocity), flow_ema (the same DiT trained 2x longer, EMA decay 0.9995), eps (UNet,
+# epsilon prediction) and v (the same UNet, v-prediction); the classifier scores them all.
+V_SCHEDULER_CONFIG: dict[str, Any] = {**EPS_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+FLOW_MODELS = ("flow", "flow_ema")
+UNET_MODELS = ("eps", "v")
+MODEL_NAMES = (*FLOW_MODELS, *UNET_MODELS, "classifier")
 
 
 class FlowDiT(DiTTransformer2DModel, CacheMixin):
@@ -103,9 +110,9 @@ class DigitClassifier(nn.Module):
 
 def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
     """A randomly initialised model ``name`` in ``MODEL_NAMES`` from ``config`` (default: the fixed config)."""
-    if name == "flow":
+    if name in FLOW_MODELS:
         return cast(nn.Module, FlowDiT(**(config or FLOW_CONFIG)))
-    if name == "eps":
+    if name in UNET_MODELS:
         from diffusers import UNet2DModel
 
         return cast(nn.Module, UNet2DModel(**(config or EPS_CONFIG)))
@@ -117,12 +124,12 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
 def default_config(name: str) -> dict[str, Any]:
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
-    return {"flow": FLOW_CONFIG, "eps": EPS_CONFIG, "classifier": CLASSIFIER_CONFIG}[name]
+    return FLOW_CONFIG if name in FLOW_MODELS else EPS_CONFIG if name in UNET_MODELS else CLASSIFIER_CONFIG
 
 
 def weights_dir() -> Path:
-    """The package's ``demo/weights`` folder."""
-    return Path(str(resources.files("abcache_diffusers.demo") / "weights"))
+    """The package's ``weights`` folder."""
+    return Path(str(resources.files("abcache_examples") / "weights"))
 
 
 def save_model(model: nn.Module, name: str, config: dict[str, Any], out_dir: str | Path) -> Path:
@@ -153,14 +160,18 @@ def load_model(name: str, weights: str | Path | None = None) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_flow_model(weights: str | Path | None = None) -> nn.Module:
-    """The shipped class-conditional flow-matching ``DiTTransformer2DModel``."""
-    return load_model("flow", weights)
+def load_flow_model(weights: str | Path | None = None, name: str = "flow") -> nn.Module:
+    """A shipped class-conditional flow-matching ``DiTTransformer2DModel`` (``name`` in ``FLOW_MODELS``)."""
+    if name not in FLOW_MODELS:
+        raise ValueError(f"name must be one of {FLOW_MODELS}, got {name!r}")
+    return load_model(name, weights)
 
 
-def load_eps_model(weights: str | Path | None = None) -> nn.Module:
-    """The shipped epsilon-prediction ``UNet2DModel``."""
-    return load_model("eps", weights)
+def load_eps_model(weights: str | Path | None = None, name: str = "eps") -> nn.Module:
+    """A shipped ``UNet2DModel`` (``name`` in ``UNET_MODELS``: epsilon or v-prediction)."""
+    if name not in UNET_MODELS:
+        raise ValueError(f"name must be one of {UNET_MODELS}, got {name!r}")
+    return load_model(name, weights)
 
 
 def load_classifier(weights: str | Path | None = None) -> DigitClassifier:

@@ -1,4 +1,4 @@
-"""The shipped demo models load, and their pipelines produce what they should (abcache_diffusers.demo)."""
+"""The shipped demo models load, and their pipelines produce what they should (abcache_examples)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from abcache_diffusers.demo.metrics import classifier_accuracy
-from abcache_diffusers.demo.models import (
+from abcache_examples.metrics import classifier_accuracy
+from abcache_examples.models import (
     FLOW_CONFIG,
+    FLOW_MODELS,
     MODEL_NAMES,
     NULL_CLASS,
+    UNET_MODELS,
     load_classifier,
     load_eps_model,
     load_flow_model,
     weights_dir,
 )
-from abcache_diffusers.demo.pipelines import make_ddim_pipeline, make_flow_pipeline
+from abcache_examples.pipelines import make_ddim_pipeline, make_flow_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def test_shipped_models_load_in_eval_mode() -> None:
     assert (table[:NULL_CLASS] - table[NULL_CLASS]).norm(dim=1).min() > 1e-3
 
 
-def test_flow_pipeline_generates_requested_classes(flow_pipe: Any) -> None:
+@pytest.mark.parametrize("name", FLOW_MODELS)
+def test_flow_pipeline_generates_requested_classes(name: str) -> None:
+    flow_pipe: Any = make_flow_pipeline(name=name)
     labels = torch.arange(20) % 10
     gen = torch.Generator().manual_seed(0)
     images = flow_pipe(labels, num_inference_steps=50, guidance_scale=3.0, generator=gen, output_type="latent").images
@@ -110,9 +114,12 @@ def test_flow_pipeline_rejects_bad_arguments(flow_pipe: Any) -> None:
         flow_pipe([1, 2], latents=torch.zeros(1, 1, 16, 16))
 
 
-def test_ddim_pipeline_output_is_finite_and_in_range() -> None:
-    pipe: Any = make_ddim_pipeline()
+@pytest.mark.parametrize("name", UNET_MODELS)
+def test_ddim_pipeline_output_is_finite_and_in_range(name: str) -> None:
+    pipe: Any = make_ddim_pipeline(name=name)
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert pipe.scheduler.config.prediction_type == {"eps": "epsilon", "v": "v_prediction"}[name]
+    assert not pipe.scheduler.config.clip_sample  # the step stays linear in the model output (the correction)
     out = pipe(batch_size=8, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np")
     images = out.images
     assert images.shape == (8, 16, 16, 1)

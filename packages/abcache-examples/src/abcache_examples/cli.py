@@ -1,4 +1,4 @@
-"""`abcache demo`: AB-Cache on the shipped models, side by side with the full sampler and with plain reuse."""
+"""`abcache demo`: AB-Cache on the zoo models: the full sampler, the default, the fast preset and plain reuse."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from abcache_diffusers.demo.compare import Run
+    from abcache_examples.compare import Run
 
 import numpy as np
 
@@ -69,36 +69,41 @@ def demo(argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     import torch
+    from abcache_diffusers import ABCacheConfig
     from tqdm.auto import tqdm
 
-    from abcache_diffusers import ABCacheConfig
-    from abcache_diffusers.demo.compare import EpsSetup, FlowSetup, Scorer, Setup
+    from abcache_examples.compare import FAST_CONFIG, EpsSetup, FlowSetup, Scorer, Setup
+    from abcache_examples.models import FLOW_MODELS, UNET_MODELS
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     default = ABCacheConfig()
     reuse = ABCacheConfig(order=1, interval=default.interval, warmup=default.warmup, correct=False)
-    flow, eps = FlowSetup(args.batch, args.seed), EpsSetup(args.batch, args.seed)
-    jobs: list[tuple[Setup, str, dict[str, Any]]] = [
-        (flow, "full 50 steps", {}),
-        (flow, f"AB-Cache (order {default.order}, interval {default.interval})", {"cache": default}),
-        (flow, "reuse (order 1)", {"cache": reuse}),
-        (eps, "full 50 steps", {}),
-        (eps, f"AB-Cache (order {default.order}, interval {default.interval})", {"cache": default}),
-        (eps, "reuse (order 1)", {"cache": reuse}),
+    flows = [FlowSetup(args.batch, args.seed, model=m) for m in FLOW_MODELS]
+    setups: list[Setup] = [*flows, *(EpsSetup(args.batch, args.seed, model=m) for m in UNET_MODELS)]
+    flow = flows[0]
+    methods: list[tuple[str, dict[str, Any]]] = [
+        ("full 50 steps", {}),
+        (f"AB-Cache default (interval {default.interval}, last {default.cooldown} computed)", {"cache": default}),
+        (
+            f"AB-Cache fast (order {FAST_CONFIG.order}, interval {FAST_CONFIG.interval}, last {FAST_CONFIG.cooldown})",
+            {"cache": FAST_CONFIG},
+        ),
+        ("reuse (order 1)", {"cache": reuse}),
     ]
+    jobs = [(setup, method, kwargs) for setup in setups for method, kwargs in methods]
     scorer = Scorer()
-    runs: dict[str, list[Run]] = {flow.name: [], eps.name: []}
+    runs: dict[str, list[Run]] = {setup.name: [] for setup in setups}
     progress = tqdm(total=len(jobs) + (0 if args.no_jax else 1), desc="abcache demo", unit="run")
     for setup, method, kwargs in jobs:
         progress.set_postfix_str(f"{setup.name}: {method}")
         run = setup.run(method, setup.name, **kwargs)
         reference = runs[setup.name][0] if runs[setup.name] else run
-        scorer.score(run, reference, flow.labels if setup is flow else None)
+        scorer.score(run, reference, setup.labels if isinstance(setup, FlowSetup) else None)
         runs[setup.name].append(run)
         progress.update()
     if not args.no_jax:
         progress.set_postfix_str("flow: JAX/Flax AB-Cache")
-        from abcache_diffusers.demo.jax_flow import sample_flow_jax
+        from abcache_examples.jax_flow import sample_flow_jax
 
         run = sample_flow_jax(flow, default.to_ab_config())
         runs[flow.name].append(scorer.score(run, runs[flow.name][0], flow.labels))

@@ -18,14 +18,17 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-
 from abcache_diffusers import ABCacheConfig, disable_ab_cache, enable_ab_cache
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from .data import load_digits16
 from .metrics import classifier_accuracy, classifier_features, frechet_distance, psnr, ssim
 from .pipelines import make_ddim_pipeline, make_flow_pipeline
 
 STEPS = 50
+# The demo's fast preset: the fewest calls (14 of 50) whose PSNR stays above 45 dB on every zoo model (BENCHMARKS.md)
+FAST_CONFIG = ABCacheConfig(order=3, warmup=3, interval=6)
 
 
 @dataclass
@@ -85,7 +88,7 @@ class Setup:
     def denoiser(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def _call(self, steps: int) -> np.ndarray:
+    def _call(self, steps: int, sigmas: Any = None) -> np.ndarray:
         raise NotImplementedError
 
     def run(
@@ -97,8 +100,10 @@ class Setup:
         apply: Callable[[torch.nn.Module], Callable[[], None]] | None = None,
         scheduler: Any = None,
         steps: int = STEPS,
+        sigmas: Any = None,
     ) -> Run:
-        """Sample once. `cache`: AB-Cache config; `apply(denoiser) -> undo`: another cache; `scheduler`: swap."""
+        """Sample once. `cache`: AB-Cache config; `apply(denoiser) -> undo`: another cache; `scheduler`: swap;
+        `sigmas`: a custom grid (flow models)."""
         self.pipe.scheduler = scheduler if scheduler is not None else self.default_scheduler
         undo = None
         if cache is not None:
@@ -108,7 +113,7 @@ class Setup:
         try:
             with count_calls(self.denoiser) as calls:
                 start = time.perf_counter()
-                images = self._call(steps)
+                images = self._call(steps, sigmas)
                 seconds = time.perf_counter() - start
         finally:
             if cache is not None:
@@ -120,15 +125,15 @@ class Setup:
 
 
 class FlowSetup(Setup):
-    """The class-conditional flow DiT, true CFG (separate cond / uncond calls), FLUX-like shifted grid."""
+    """A class-conditional flow DiT of the zoo, true CFG (separate cond / uncond calls), FLUX-like shifted grid."""
 
     branches = 2
-    name = "flow"
 
-    def __init__(self, batch: int = 40, seed: int = 0, guidance_scale: float = 3.0) -> None:
+    def __init__(self, batch: int = 40, seed: int = 0, guidance_scale: float = 3.0, model: str = "flow") -> None:
         self.labels = torch.arange(batch) % 10
         self.guidance_scale = guidance_scale
-        super().__init__(make_flow_pipeline(), batch, seed)
+        self.name = model
+        super().__init__(make_flow_pipeline(name=model), batch, seed)
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
@@ -140,10 +145,11 @@ class FlowSetup(Setup):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
-    def _call(self, steps: int) -> np.ndarray:
+    def _call(self, steps: int, sigmas: Any = None) -> np.ndarray:
         out = self.pipe(
             self.labels,
             num_inference_steps=steps,
+            sigmas=sigmas,
             guidance_scale=self.guidance_scale,
             latents=self.latents,
             output_type="latent",
@@ -152,21 +158,54 @@ class FlowSetup(Setup):
 
 
 class EpsSetup(Setup):
-    """The eps-prediction UNet with diffusers' DDIMPipeline (eta = 0), unconditional."""
+    """An unconditional UNet of the zoo (eps or v-prediction) with diffusers' DDIMPipeline (eta = 0)."""
 
-    name = "eps"
-
-    def __init__(self, batch: int = 40, seed: int = 0) -> None:
-        super().__init__(make_ddim_pipeline(), batch, seed)
+    def __init__(self, batch: int = 40, seed: int = 0, model: str = "eps") -> None:
+        self.name = model
+        super().__init__(make_ddim_pipeline(name=model), batch, seed)
 
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
-    def _call(self, steps: int) -> np.ndarray:
+    def _call(self, steps: int, sigmas: Any = None) -> np.ndarray:
+        if sigmas is not None:
+            raise ValueError("sigmas: DDIMPipeline takes no custom grid")
         gen = torch.Generator().manual_seed(self.seed)
+        if not isinstance(self.pipe.scheduler, DDIMScheduler):
+            return self._loop(steps, gen)
         out = self.pipe(batch_size=self.batch, generator=gen, num_inference_steps=steps, eta=0.0, output_type="np")
         return np.asarray(out.images).transpose(0, 3, 1, 2) * 2.0 - 1.0
+
+    @torch.no_grad()
+    def _loop(self, steps: int, gen: torch.Generator) -> np.ndarray:
+        """DDIMPipeline's loop for a scheduler whose ``step`` takes no ``eta`` (DPM-Solver, UniPC): same noise."""
+        unet, scheduler = self.pipe.unet, self.pipe.scheduler
+        size = unet.config.sample_size
+        x = randn_tensor((self.batch, unet.config.in_channels, size, size), generator=gen) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        return (x / 2 + 0.5).clamp(0, 1).numpy() * 2.0 - 1.0
+
+
+def step_jitter(setup: Setup) -> float:
+    """How unsmooth the denoiser's output is along the full sampler: the median over steps of
+    ``||f_{n+1} - 2 f_n + f_{n-1}|| / ||f_n||`` (first guidance branch). Smooth outputs make extrapolation easy."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module: Any, args: Any, out: Any) -> None:
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        outputs.append(out.detach().double().clone())
+
+    handle = setup.denoiser.register_forward_hook(keep)
+    try:
+        setup.run("jitter", "full")
+    finally:
+        handle.remove()
+    f = torch.stack(outputs[:: setup.branches]).flatten(1)
+    second = (f[2:] - 2 * f[1:-1] + f[:-2]).norm(dim=1) / f[1:-1].norm(dim=1)
+    return float(second.median())
 
 
 class Scorer:

@@ -12,7 +12,7 @@ The forward pass follows diffusers 0.42 (`models/transformers/dit_transformer_2d
 
 Layout: `FlaxDiT` takes and returns NCHW arrays, like the torch model, so the same `x` goes to both.
 Numerics: float32 throughout; on CPU the port matches torch to about 1e-5 of the largest output (see
-tests/integration/test_flax_port.py, which asserts 1e-4 of the output's largest magnitude). On GPUs
+tests/abcache_examples/test_flax_port.py, which asserts 1e-4 of the output's largest magnitude). On GPUs
 XLA's default matmul precision may use TF32; wrap calls in `jax.default_matmul_precision("highest")`
 for torch-level parity there.
 

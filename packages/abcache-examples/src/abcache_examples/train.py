@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m abcache_diffusers.demo.train {classifier,flow,eps} [--steps N] [--seed S] [--out DIR] [--threads T]
+    python -m abcache_examples.train {classifier,flow,flow_ema,eps,v} --out DIR [--steps N] [--seed S] [--threads T]
 
-Train the classifier first: the flow and eps runs evaluate their samples with it (read from ``--out``).
+Train the classifier first: the diffusion models evaluate their samples with it (read from ``--out``).
 Everything is seeded (``torch.manual_seed`` and a seeded ``torch.Generator`` for the data order, noise and
 timesteps); AdamW with linear warm-up and cosine decay; the diffusion models keep an EMA of their weights,
 which is what gets saved. Each run writes ``<name>.safetensors`` / ``<name>.json`` and a sample grid PNG.
@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_digits16
-from .models import NULL_CLASS, build_model, default_config, load_classifier, save_model
+from .models import FLOW_MODELS, NULL_CLASS, build_model, default_config, load_classifier, save_model
 
 LABEL_DROPOUT = 0.1
-DEFAULT_STEPS = {"classifier": 1500, "flow": 3000, "eps": 1500}
-DEFAULT_LR = {"classifier": 2e-3, "flow": 1e-3, "eps": 5e-4}
+DEFAULT_STEPS = {"classifier": 1500, "flow": 3000, "flow_ema": 6000, "eps": 1500, "v": 1500}
+DEFAULT_LR = {"classifier": 2e-3, "flow": 1e-3, "flow_ema": 1e-3, "eps": 5e-4, "v": 5e-4}
+EMA_DECAY = {"flow": 0.999, "flow_ema": 0.9995, "eps": 0.999, "v": 0.999}
 BATCH_SIZE = 128
-EMA_DECAY = 0.999
 
 
 def _lr_lambda(total: int, warmup: int = 100):
@@ -57,8 +57,8 @@ def _batches(n: int, steps: int, gen: torch.Generator):
         pos += BATCH_SIZE
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
-    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_decay: float) -> None:
+    decay = min(max_decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
             pe.lerp_(pm, 1.0 - decay)
@@ -90,7 +90,7 @@ def _loss(
         x = x + 0.05 * torch.randn(x.shape, generator=gen)
         return F.cross_entropy(model(x), y)
     noise = torch.randn(x0.shape, generator=gen)
-    if name == "flow":
+    if name in FLOW_MODELS:
         sigma = torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal(0, 1), as in SD3
         s = sigma.view(-1, 1, 1, 1)
         xt = (1.0 - s) * x0 + s * noise
@@ -100,7 +100,8 @@ def _loss(
         return F.mse_loss(pred, noise - x0)
     t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen)
     pred = model(sched.add_noise(x0, noise, t), t).sample
-    return F.mse_loss(pred, noise)
+    target = sched.get_velocity(x0, noise, t) if name == "v" else noise
+    return F.mse_loss(pred, target)
 
 
 def evaluate(name: str, model: torch.nn.Module, out: Path, seed: int) -> dict[str, float]:
@@ -119,7 +120,7 @@ def evaluate(name: str, model: torch.nn.Module, out: Path, seed: int) -> dict[st
         return {"test_accuracy": classifier_accuracy(test_x, test_y, classifier)}
     test_feats = classifier_features(test_x, classifier)
     result: dict[str, float] = {}
-    if name == "flow":
+    if name in FLOW_MODELS:
         labels = torch.arange(10).repeat(10)
         flow = flow_pipeline(model)
         for scale in (1.0, 2.0, 3.0, 4.0):
@@ -127,14 +128,14 @@ def evaluate(name: str, model: torch.nn.Module, out: Path, seed: int) -> dict[st
             x = flow(labels, guidance_scale=scale, generator=gen, output_type="latent", return_dict=False)[0]
             result[f"accuracy_cfg{scale:g}"] = classifier_accuracy(x, labels, classifier)
             if scale == 3.0:
-                save_grid(x.numpy(), out / "flow_samples.png")
+                save_grid(x.numpy(), out / f"{name}_samples.png")
                 result["frechet_vs_test_cfg3"] = frechet_distance(classifier_features(x, classifier), test_feats)
         return result
     gen = torch.Generator().manual_seed(seed + 1)
-    ddim = ddim_pipeline(model)
+    ddim = ddim_pipeline(model, name)
     images = ddim(batch_size=100, generator=gen, num_inference_steps=50, output_type="np", return_dict=False)[0]
     samples = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2) * 2.0 - 1.0
-    save_grid(samples.numpy(), out / "eps_samples.png")
+    save_grid(samples.numpy(), out / f"{name}_samples.png")
     probs = torch.softmax(classifier_logits(samples, classifier), dim=1)
     result["mean_max_prob"] = float(probs.max(dim=1).values.mean())
     result["frechet_vs_test"] = frechet_distance(classifier_features(samples, classifier), test_feats)
@@ -146,7 +147,7 @@ def train(name: str, steps: int, seed: int, out: Path, log_every: int = 100) -> 
     gen = torch.Generator().manual_seed(seed)
     config = default_config(name)
     model = build_model(name, config).train()
-    if name == "flow":
+    if name in FLOW_MODELS:
         from diffusers.models.embeddings import LabelEmbedding
 
         for module in model.modules():
@@ -155,9 +156,9 @@ def train(name: str, steps: int, seed: int, out: Path, log_every: int = 100) -> 
     ema = copy.deepcopy(model).requires_grad_(False) if name != "classifier" else None
     from diffusers import DDPMScheduler
 
-    from .models import EPS_SCHEDULER_CONFIG
+    from .models import EPS_SCHEDULER_CONFIG, V_SCHEDULER_CONFIG
 
-    sched = DDPMScheduler(**EPS_SCHEDULER_CONFIG)
+    sched = DDPMScheduler(**(V_SCHEDULER_CONFIG if name == "v" else EPS_SCHEDULER_CONFIG))
     images, labels = load_digits16("train" if name == "classifier" else "all")
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     opt = torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR[name], weight_decay=0.01)
@@ -171,7 +172,7 @@ def train(name: str, steps: int, seed: int, out: Path, log_every: int = 100) -> 
         opt.step()
         lr_sched.step()
         if ema is not None:
-            _ema_update(ema, model, step)
+            _ema_update(ema, model, step, EMA_DECAY[name])
         running.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             print(
@@ -192,16 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", choices=sorted(DEFAULT_STEPS))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the package's weights)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (copy into weights/ to ship)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    from .models import weights_dir
-
     torch.set_num_threads(args.threads)
     steps = args.steps if args.steps is not None else DEFAULT_STEPS[args.model]
     if steps < 1:
         parser.error("--steps must be positive")
-    train(args.model, steps, args.seed, args.out or weights_dir())
+    train(args.model, steps, args.seed, args.out)
 
 
 if __name__ == "__main__":

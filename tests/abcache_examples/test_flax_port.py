@@ -1,4 +1,4 @@
-"""The Flax DiT port (abcache_diffusers.demo.flax_dit) against diffusers' torch DiTTransformer2DModel.
+"""The Flax DiT port (abcache_examples.flax_dit) against diffusers' torch DiTTransformer2DModel.
 
 Tolerance: both sides run in float32; the port must agree to REL_TOL = 1e-4 of the largest output
 magnitude (measured on CPU: about 1e-5 with the perturbed random weights below).
@@ -7,7 +7,6 @@ magnitude (measured on CPU: about 1e-5 with the perturbed random weights below).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from abcache_diffusers.demo.flax_dit import (
+from abcache_examples.flax_dit import (
     DiTConfig,
     FlaxDiT,
     convert_torch_state_dict,
     flow_model_fn,
     load_flax_dit,
 )
-from abcache_diffusers.demo.models import FLOW_CONFIG  # the shipped flow model's config
+from abcache_examples.models import FLOW_CONFIG, weights_dir  # the shipped flow model's config
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import save_file
 
@@ -42,7 +41,7 @@ ODD_CONFIG = {
     "attention_bias": False,
     "norm_elementwise_affine": True,
 }
-SHIPPED = Path(__file__).resolve().parents[2] / "packages/abcache-diffusers/src/abcache_diffusers/demo/weights"
+SHIPPED = weights_dir()  # the installed package's weights
 
 
 def _torch_model(config: dict, seed: int = 0) -> Any:
@@ -199,7 +198,6 @@ def test_flow_model_fn_rejects_bad_labels(flow):
         flow_model_fn(module, np.array([0.5]))
 
 
-@pytest.mark.skipif(not (SHIPPED / "flow.safetensors").exists(), reason="shipped flow weights not trained yet")
 def test_shipped_flow_weights_match_torch():
     from safetensors.torch import load_file
 
