@@ -219,3 +219,14 @@ def test_config_refuses_what_it_cannot_do():
         abcore.ABConfig(predictor="binomial", correct=True)
     with pytest.raises(ValueError, match="tolerance"):
         abcore.ABConfig(max_predicted=3)  # a bound of the adaptive mode, silently ignored before
+
+
+def test_equal_grids_share_one_read_only_plan_and_the_callers_times_stay_writable() -> None:
+    times = np.linspace(1.0, 0.02, 30)
+    steps = abcore.LinearSteps.euler(np.append(times, 0.0))
+    first = abcore.make_plan(abcore.ABConfig(), times, steps)
+    assert abcore.make_plan(abcore.ABConfig(), times.copy(), steps) is first  # a pipeline's every generation
+    assert abcore.make_plan(abcore.ABConfig(), times) is not first  # no steps: no correction, another plan
+    assert abcore.make_plan(abcore.ABConfig(interval=4), times, steps) is not first
+    assert not first.weights.flags.writeable and not first.corrections.flags.writeable
+    times[0] = 1.5  # the caller's array is not frozen

@@ -537,7 +537,7 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
         "# Benchmarks",
         "",
         f"Command: `{meta['command']}`. Date: {meta['date']}. Machine: {meta['machine']}. Seeds {meta['seeds']}, "
-        f"{meta['batch']} images per run; took {meta['minutes']:.1f} min.",
+        f"{meta['batch']} images per run; the quality runs took {meta['minutes']:.1f} min (one core, summed over the models).",
         "",
         "Every run starts from the same noise and labels as the full 50-step sampler of the same model and seed. "
         "PSNR / SSIM: against that full sampler, mean over seeds with the spread (min..max) in brackets. FD: "
@@ -663,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where BENCHMARKS.md and benchmarks/ go")
     parser.add_argument("--render-only", action="store_true", help="render from benchmarks/results/*.json")
     parser.add_argument("--gpu-json", type=Path, default=Path("benchmarks/gpu_flux.json"))
+    parser.add_argument("--command", default=None, help="how the results were produced, for the report's header")
     parser.add_argument("--quick", action="store_true", help="one setting per family, one sharp grid (for tests)")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -697,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no results in {results_dir}")
     first = next(iter(results.values()))["meta"]
     meta = {
-        "command": "nox -s bench (python -m abcache_examples.bench" + (f" {' '.join(argv)}" if argv else "") + ")",
+        "command": args.command
+        or "nox -s bench (python -m abcache_examples.bench" + "".join(f" {a}" for a in argv or []) + ")",
         "date": datetime.date.today().isoformat(),
         "machine": _machine(),
         "seeds": first["seeds"],

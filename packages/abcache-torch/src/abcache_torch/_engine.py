@@ -453,7 +453,7 @@ class CacheEngine:
         )
         table = self._tables.get((first[0].device, dtype))
         if table is None:
-            table = torch.as_tensor(self._plan.weights, dtype=dtype, device=first[0].device)
+            table = torch.tensor(self._plan.weights, dtype=dtype, device=first[0].device)
             self._tables[(first[0].device, dtype)] = table
         return table
 
