@@ -2,6 +2,7 @@
 
 import gc
 import weakref
+from typing import Any
 
 import abcache_jax as aj
 import abcore
@@ -87,10 +88,10 @@ def test_cache_plan_input_matches_config_input(x64, denoiser):
     np.testing.assert_array_equal(np.asarray(a.computed), plan.compute)
 
 
-def test_nonfinite_prediction_falls_back_like_the_reference(x64):
-    """An output of 1.7e308 makes the next extrapolation overflow: both executors call the model instead."""
-    config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0)
-    t_bad = SIGMAS[3]  # a computed step of the plan (0, 1, 3, 6, ...); step 4 extrapolates from it
+def _overflow_at_step_3(grid: np.ndarray, config: abcore.ABConfig, **kwargs: Any) -> tuple[Any, Any]:
+    """abcore's reference and abcache_jax on a model whose output at grid[3] (a computed step of interval 3) is
+    1.7e308, so that the extrapolation at step 4 overflows and both executors call the model instead."""
+    t_bad = grid[3]
 
     def apply(params, x, t):
         return jnp.where(jnp.abs(t - t_bad) < 1e-12, 1.7e308, jnp.sin(x * params + t))
@@ -100,8 +101,14 @@ def test_nonfinite_prediction_falls_back_like_the_reference(x64):
 
     x0 = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
     with np.errstate(over="ignore"):
-        ref = _reference(apply, 1.3, x0, SIGMAS, step, config)
-    got = aj.sample(apply, 1.3, jnp.asarray(x0), SIGMAS, step, config)
+        ref = _reference(apply, 1.3, x0, grid, step, config)
+    return ref, aj.sample(apply, 1.3, jnp.asarray(x0), grid, step, config, **kwargs)
+
+
+def test_nonfinite_prediction_falls_back_like_the_reference(x64):
+    """An output of 1.7e308 makes the next extrapolation overflow: both executors call the model instead."""
+    config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0)
+    ref, got = _overflow_at_step_3(SIGMAS, config)
     plan = abcore.make_plan(config, SIGMAS[:-1])
     assert (ref.computed & ~plan.compute).any(), "the overflow must force extra model calls"
     np.testing.assert_array_equal(np.asarray(got.computed), ref.computed)
@@ -270,18 +277,7 @@ def test_off_plan_weights_follow_the_rule_after_a_fallback(x64):
     """
     grid = abcore.testing.make_grid("shifted", 12)
     config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0, abscissa="index")
-    t_bad = grid[3]  # computed (0, 1, 3, 6, 9); step 4 extrapolates 1.7e308 and overflows: it computes
-
-    def apply(params, x, t):
-        return jnp.where(jnp.abs(t - t_bad) < 1e-12, 1.7e308, jnp.sin(x * params + t))
-
-    def step(x, out, t, t_next):
-        return x + (t_next - t) * jnp.tanh(out)
-
-    x0 = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
-    with np.errstate(over="ignore"):
-        ref = _reference(apply, 1.3, x0, grid, step, config)
-    got = aj.sample(apply, 1.3, jnp.asarray(x0), grid, step, config, keep_outputs=True)
+    ref, got = _overflow_at_step_3(grid, config, keep_outputs=True)  # computed 0, 1, 3, 6, 9; then 4 too
     np.testing.assert_array_equal(np.asarray(got.computed), ref.computed)
     assert ref.computed[4] and not ref.computed[5]
     outputs = np.asarray(got.outputs)

@@ -35,6 +35,7 @@ from abcore import (
     accept_prediction,
     after_predicted,
     as_grid,
+    check_steps,
     correction_weights,
     decide,
     make_plan,
@@ -257,15 +258,6 @@ def _concrete_grid(grid: Any) -> np.ndarray:
     return as_grid(grid, "grid")
 
 
-def _check_steps(steps: Any, n: int) -> None:
-    if steps is None:
-        return
-    if not isinstance(steps, LinearSteps):
-        raise TypeError(f"steps must be an abcore.LinearSteps or None, got {type(steps).__name__}")
-    if steps.num_steps != n:
-        raise ValueError(f"steps has {steps.num_steps} entries but the grid has {n} steps (n + 1 = {n + 1} values)")
-
-
 def _resolve(config_or_plan: ABConfig | CachePlan, g: np.ndarray, steps: LinearSteps | None) -> ABConfig:
     """The config to run; a `CachePlan` must be the fold of its config on grid[:-1] (and `steps`)."""
     if isinstance(config_or_plan, ABConfig):
@@ -347,7 +339,7 @@ def sample(
     """
     g = _concrete_grid(grid)
     n = g.size - 1
-    _check_steps(steps, n)
+    check_steps(steps, n)
     config = _resolve(config_or_plan, g, steps)
     correct = config.corrects(steps is not None)
     config.check_num_steps(n)

@@ -7,7 +7,7 @@ in PyTorch and JAX. The paper's theory is in `abcore.theory`, test helpers in `a
 """
 
 from abcore._config import ABSCISSAS, PREDICTORS, WEIGHTINGS, ABConfig
-from abcore._plan import CachePlan, make_plan
+from abcore._plan import CachePlan, check_steps, make_plan
 from abcore._reference import Trajectory, sample
 from abcore._rule import (
     Decision,
@@ -43,6 +43,7 @@ __all__ = [
     "as_grid",
     "as_times",
     "barycentric_weights",
+    "check_steps",
     "correction_weights",
     "decide",
     "extrapolation_weights",

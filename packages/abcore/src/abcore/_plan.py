@@ -60,7 +60,7 @@ class CachePlan:
 
 
 def check_steps(steps: LinearSteps | None, num_steps: int) -> None:
-    """Raise ValueError unless `steps` is None or a `LinearSteps` of `num_steps` entries."""
+    """Raise TypeError unless `steps` is None or a `LinearSteps`, ValueError unless it has `num_steps` entries."""
     if steps is None:
         return
     if not isinstance(steps, LinearSteps):
