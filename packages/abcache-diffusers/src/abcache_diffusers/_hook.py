@@ -413,10 +413,10 @@ class ABCacheHook(ModelHook):
             return None, None, name
         return self._engines[self._group[name]], time, name
 
-    def _announce(self, engine: Any, times: np.ndarray, index: int) -> None:
-        """`engine.set_grid(times)`, with the step coefficients from `index` on where known (and supported)."""
+    def _announce(self, engine: CacheEngine, times: np.ndarray, index: int) -> None:
+        """`engine.set_grid(times)`, with the step coefficients from `index` on where known."""
         steps = self._steps
-        if steps is not None and "steps" in inspect.signature(engine.set_grid).parameters:
+        if steps is not None:
             engine.set_grid(times.tolist(), steps=type(steps)(steps.a[index:], steps.b[index:]))
         else:
             engine.set_grid(times.tolist())
