@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 from abcache_diffusers import ABCacheConfig, ABCacheHook
-from abcache_examples.compare import EpsSetup, FlowSetup, Scorer, Setup
-from abcache_examples.models import FLOW_MODELS, MODEL_NAMES
+from abcache_examples.compare import Scorer, make_setup
+from abcache_examples.models import MODEL_NAMES
 
 
 def rows() -> list[tuple[str, ABCacheConfig, bool]]:
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     scorer = Scorer()
     for model in args.models:
-        setup: Setup = (FlowSetup if model in FLOW_MODELS else EpsSetup)(args.batch, args.seed, model=model)
+        setup = make_setup(model, args.batch, args.seed)
         reference = setup.run("full", "full")
         print(
             f"\n{model} ({args.batch} images, seed {args.seed})\n\n| setting | calls per branch | PSNR dB |\n|---|---|---|"

@@ -32,13 +32,14 @@ from abcache_diffusers import ABCacheConfig
 from abcache_examples.compare import (
     FAST_CONFIG,
     STEPS,
-    EpsSetup,
     FlowSetup,
     Run,
     Scorer,
     Setup,
     diffusers_cache,
     magcache_ratios,
+    make_setup,
+    save_rows,
     step_jitter,
 )
 from abcache_examples.models import FLOW_MODELS, UNET_MODELS
@@ -231,12 +232,6 @@ def sharp_jobs(setup: FlowSetup) -> dict[str, tuple[dict[str, Any], list[Job]]]:
     return grids
 
 
-def make_setup(model: str, batch: int) -> Setup:
-    if model in FLOW_MODELS:
-        return FlowSetup(batch, seed=0, model=model)
-    return EpsSetup(batch, seed=0, model=model)
-
-
 def _record(run: Run, model: str, seed: int, section: str, job: Job | None) -> dict[str, Any]:
     return {
         "model": model,
@@ -272,28 +267,28 @@ def run_model(model: str, seeds: list[int], batch: int, quick: bool = False) -> 
     if quick:
         jobs = _thin(jobs)
         grids = {name: (full, _thin(grid_jobs)) for name, (full, grid_jobs) in list(grids.items())[:1]}
+    # the main section on the setup's own grid, then each sharp grid: a full reference, then every job
+    sections = [("main", {}, jobs), *((grid, full, grid_jobs) for grid, (full, grid_jobs) in grids.items())]
     records: list[dict[str, Any]] = []
     images: dict[str, np.ndarray] = {}
     for seed in seeds:
         setup.reseed(seed)
-        reference = setup.run(f"full {STEPS} steps", "full")
-        scorer.score(reference, reference, labels)
-        records.append(_record(reference, model, seed, "main", None))
-        if seed == seeds[0]:
-            images[reference.method] = reference.images[:10]
-        for i, job in enumerate(jobs, 1):
-            print(f"[{model} seed {seed} {i}/{len(jobs)}] {job.method}", file=sys.stderr, flush=True)
-            run = scorer.score(setup.run(job.method, job.family, **job.kwargs), reference, labels)
-            records.append(_record(run, model, seed, "main", job))
-            if seed == seeds[0]:
-                images[job.method] = run.images[:10]
-        for grid, (full, grid_jobs) in grids.items():
-            ref = setup.run(f"full, {grid}", "full", **full)
-            scorer.score(ref, ref, labels)
-            records.append(_record(ref, model, seed, grid, None))
-            for job in grid_jobs:
-                run = scorer.score(setup.run(job.method, job.family, **job.kwargs), ref, labels)
-                records.append(_record(run, model, seed, grid, job))
+        for section, full, section_jobs in sections:
+            name = f"full {STEPS} steps" if section == "main" else f"full, {section}"
+            reference = setup.run(name, "full", **full)
+            scorer.score(reference, reference, labels)
+            records.append(_record(reference, model, seed, section, None))
+            keep = seed == seeds[0] and section == "main"  # the image strip: the first seed's main runs
+            if keep:
+                images[reference.method] = reference.images[:10]
+            for i, job in enumerate(section_jobs, 1):
+                print(
+                    f"[{model} seed {seed} {section} {i}/{len(section_jobs)}] {job.method}", file=sys.stderr, flush=True
+                )
+                run = scorer.score(setup.run(job.method, job.family, **job.kwargs), reference, labels)
+                records.append(_record(run, model, seed, section, job))
+                if keep:
+                    images[job.method] = run.images[:10]
     setup.reseed(seeds[0])
     return {"records": records, "images": images, "jitter": step_jitter(setup)}
 
@@ -380,8 +375,13 @@ def _psnr(s: Setting | None) -> str:
     return f"{s.psnr:.1f} ({s.psnr_lo:.1f}..{s.psnr_hi:.1f})" if s.seeds > 1 else f"{s.psnr:.1f}"
 
 
+def _families(settings: list[Setting]) -> list[str]:
+    """The families of `settings`, AB-Cache's first, each group alphabetical."""
+    return sorted({s.family for s in settings}, key=lambda f: (not f.startswith("AB-Cache"), f))
+
+
 def _budget_table(settings: list[Setting]) -> list[str]:
-    families = sorted({s.family for s in settings}, key=lambda f: (not f.startswith("AB-Cache"), f))
+    families = _families(settings)
     head = "| family | " + " | ".join(f"<= {b} calls" for b in BUDGETS) + " |"
     lines = [head, "|---|" + "---|" * len(BUDGETS)]
     for family in families:
@@ -401,7 +401,7 @@ def _all_table(settings: list[Setting]) -> list[str]:
     return lines
 
 
-def targets(model: str, settings: list[Setting], timing_: dict[str, Any] | None) -> list[tuple[str, bool]]:
+def targets(settings: list[Setting], timing_: dict[str, Any] | None) -> list[tuple[str, bool]]:
     """Issue 11's targets on one model: (statement with the numbers, met)."""
     ours = [s for s in settings if s.ours]
     peers = [s for s in settings if not s.ours]
@@ -422,7 +422,7 @@ def targets(model: str, settings: list[Setting], timing_: dict[str, Any] | None)
         got = a.psnr if a is not None else float("nan")
         name = a.method if a is not None else "-"
         out.append((f"<= {b} calls: best AB-Cache `{name}` {got:.1f} dB (target >= {need} dB)", got >= need))
-    default = next((s for s in ours if s.method == "AB-Cache fixed, last 4 computed, corrected, interval 5"), None)
+    default = next((s for s in ours if s.method == DEFAULT_METHOD), None)
     if default is not None:
         speedup = STEPS / default.nfe
         out.append(
@@ -452,7 +452,7 @@ def _pareto(model: str, settings: list[Setting], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    families = sorted({s.family for s in settings}, key=lambda f: (not f.startswith("AB-Cache"), f))
+    families = _families(settings)
     colors = [plt.get_cmap("tab20")(i) for i in range(20)]
     for n, family in enumerate(families):
         members = sorted((s for s in settings if s.family == family and np.isfinite(s.psnr)), key=lambda s: s.nfe)
@@ -477,25 +477,6 @@ def _pareto(model: str, settings: list[Setting], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _strip(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 4) -> None:
-    from PIL import Image, ImageDraw
-
-    size = rows[0][1].shape[-1] * scale
-    label_w, pad = 330, 2
-    n = max(len(images) for _, images in rows)
-    canvas = Image.new("L", (label_w + n * (size + pad), len(rows) * (size + pad)), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        y = r * (size + pad)
-        draw.multiline_text((4, y + size // 2 - 12), label, fill=0)
-        for i, img in enumerate(images):
-            pixels = ((np.clip(img[0], -1, 1) + 1) * 127.5).astype(np.uint8)
-            canvas.paste(
-                Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST), (label_w + i * (size + pad), y)
-            )
-    canvas.save(path)
 
 
 def _gpu_section(path: Path) -> list[str]:
@@ -557,7 +538,7 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
         main = [s for s in settings if s.section == "main"]
         lines.append(f"**{model}** ({MODEL_TITLES[model]}):")
         lines.append("")
-        for text, ok in targets(model, main, results[model].get("timing")):
+        for text, ok in targets(main, results[model].get("timing")):
             verdicts.append(ok)
             lines.append(f"- {text}: **{'met' if ok else 'MISSED'}**")
         lines.append("")
@@ -580,7 +561,8 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
     lines += [
         "",
         f"Medians of {args_repeats(results)} alternated repeats at the batch above, with nothing else running; the "
-        "bound is steps / calls. Fast preset: `ABCacheConfig(order=3, warmup=3, interval=6)`.",
+        "bound is steps / calls. Fast preset: `"
+        f"ABCacheConfig(order={FAST_CONFIG.order}, warmup={FAST_CONFIG.warmup}, interval={FAST_CONFIG.interval})`.",
         "",
     ]
     lines += _gpu_section(meta["gpu_json"])
@@ -626,7 +608,7 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
                     head, _, tail = s.method.rpartition(", ")
                     rows.append((f"{head},\n{tail} ({s.nfe:g} calls, {s.psnr:.1f} dB)", images[s.method]))
             strip = plots / f"strip_{model}.png"
-            _strip(rows, strip)
+            save_rows(rows, strip, label_width=330)
             lines += ["", f"At <= 13 calls, seed {meta['seeds'][0]}: full | best AB-Cache | best peer:", ""]
             lines += [f"![image strip, {model}](benchmarks/{strip.name})"]
         sections = sorted({s.section for s in settings} - {"main"})

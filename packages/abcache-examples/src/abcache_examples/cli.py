@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from abcache_examples.compare import Run
 
-import numpy as np
 
 NFE_NOTE = "NFE: denoiser evaluations per image and guidance branch"
 
@@ -40,23 +39,6 @@ def _row(run: Run, full: Run) -> dict[str, object]:
     }
 
 
-def _save_grid(rows: list[tuple[str, np.ndarray]], path: Path, per_row: int = 10, scale: int = 4) -> None:
-    from PIL import Image, ImageDraw
-
-    size = rows[0][1].shape[-1] * scale
-    label_w, pad = 110, 2
-    canvas = Image.new("L", (label_w + per_row * (size + pad), len(rows) * (size + pad)), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        y = r * (size + pad)
-        draw.text((4, y + size // 2 - 6), label, fill=0)
-        for i, img in enumerate(images[:per_row]):
-            pixels = ((np.clip(img[0], -1, 1) + 1) * 127.5).astype(np.uint8)
-            tile = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST)
-            canvas.paste(tile, (label_w + i * (size + pad), y))
-    canvas.save(path)
-
-
 def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="abcache demo", description=__doc__)
     parser.add_argument("--batch", type=int, default=40, help="images per model (default 40)")
@@ -72,15 +54,14 @@ def demo(argv: list[str]) -> int:
     from abcache_diffusers import ABCacheConfig
     from tqdm.auto import tqdm
 
-    from abcache_examples.compare import FAST_CONFIG, EpsSetup, FlowSetup, Scorer, Setup
+    from abcache_examples.compare import FAST_CONFIG, FlowSetup, Scorer, make_setup, save_rows
     from abcache_examples.models import FLOW_MODELS, UNET_MODELS
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     default = ABCacheConfig()
     reuse = ABCacheConfig(order=1, interval=default.interval, warmup=default.warmup, correct=False)
-    flows = [FlowSetup(args.batch, args.seed, model=m) for m in FLOW_MODELS]
-    setups: list[Setup] = [*flows, *(EpsSetup(args.batch, args.seed, model=m) for m in UNET_MODELS)]
-    flow = flows[0]
+    setups = [make_setup(m, args.batch, args.seed) for m in (*FLOW_MODELS, *UNET_MODELS)]
+    flow = next(setup for setup in setups if isinstance(setup, FlowSetup))  # the JAX run's model
     methods: list[tuple[str, dict[str, Any]]] = [
         ("full 50 steps", {}),
         (f"AB-Cache default (interval {default.interval}, last {default.cooldown} computed)", {"cache": default}),
@@ -117,7 +98,7 @@ def demo(argv: list[str]) -> int:
     print(f"\n{NFE_NOTE}; PSNR/SSIM against the full sampler from the same noise; FD: Frechet distance of the")
     print("shipped classifier's features to the real digits; acc: classifier accuracy on the requested class.")
     grid = [(f"{r.family}: {r.method.split(' (')[0]}", r.images) for group in runs.values() for r in group[:3]]
-    _save_grid(grid, args.out)
+    save_rows(grid, args.out, label_width=110)
     print(f"wrote {args.out}")
     return 0
 

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .data import load_digits16
 from .metrics import classifier_accuracy, classifier_features, frechet_distance, psnr, ssim
+from .models import FLOW_MODELS
 from .pipelines import make_ddim_pipeline, make_flow_pipeline
 
 STEPS = 50
@@ -206,6 +207,34 @@ def step_jitter(setup: Setup) -> float:
     f = torch.stack(outputs[:: setup.branches]).flatten(1)
     second = (f[2:] - 2 * f[1:-1] + f[:-2]).norm(dim=1) / f[1:-1].norm(dim=1)
     return float(second.median())
+
+
+def make_setup(model: str, batch: int, seed: int = 0) -> Setup:
+    """The setup of zoo model `model`: a `FlowSetup` for the DiTs, an `EpsSetup` for the UNets."""
+    if model in FLOW_MODELS:
+        return FlowSetup(batch, seed, model=model)
+    return EpsSetup(batch, seed, model=model)
+
+
+def save_rows(
+    rows: list[tuple[str, np.ndarray]], path: Any, label_width: int, per_row: int = 10, scale: int = 4
+) -> None:
+    """One labelled row of images (each ``(1, H, W)`` in [-1, 1], at most `per_row`) per entry, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    size = rows[0][1].shape[-1] * scale
+    pad = 2
+    n = min(per_row, max(len(images) for _, images in rows))
+    canvas = Image.new("L", (label_width + n * (size + pad), len(rows) * (size + pad)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        y = r * (size + pad)
+        draw.multiline_text((4, y + size // 2 - 6 * (label.count("\n") + 1)), label, fill=0)
+        for i, img in enumerate(images[:per_row]):
+            pixels = ((np.clip(img[0], -1, 1) + 1) * 127.5).astype(np.uint8)
+            tile = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label_width + i * (size + pad), y))
+    canvas.save(path)
 
 
 class Scorer:
