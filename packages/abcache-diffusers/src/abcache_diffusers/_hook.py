@@ -108,6 +108,9 @@ class ABCacheHook(ModelHook):
         self._timestep_position: int | None = None
         self._stale: Any = None  # the timesteps of a scheduler found not to be the running one
         self._warned: set[str] = set()
+        self._running: Any = None  # the scheduler of the pipeline found on the call stack
+        self._searched = False  # whether this generation looked for it
+        self._module_ref: weakref.ref | None = None
         self._forget_grid()
         self._settings = self._resolve(self.scheduler)
 
@@ -115,9 +118,8 @@ class ABCacheHook(ModelHook):
     @property
     def scheduler(self) -> Any:
         """The scheduler of the running generation: that of the pipeline calling the denoiser, else the source's."""
-        running = getattr(self, "_running", None)
-        if running is not None:
-            return running
+        if self._running is not None:
+            return self._running
         return None if self._scheduler is None else self._scheduler()
 
     def _find_running_scheduler(self) -> None:
@@ -126,7 +128,7 @@ class ABCacheHook(ModelHook):
         A pipeline made by `from_pipe(pipe, scheduler=...)` shares the denoiser but not the scheduler the hook was
         given; diffusers does not pass the scheduler to the denoiser, so the caller's frames are searched once.
         """
-        module = getattr(self, "_module_ref", lambda: None)()
+        module = None if self._module_ref is None else self._module_ref()
         self._searched = True
         frame: Any = sys._getframe(2)
         for _ in range(64):
@@ -163,13 +165,12 @@ class ABCacheHook(ModelHook):
         return abscissa, weighting
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        parameters = list(inspect.signature(module.forward).parameters)
+        signature = inspect.signature(module.forward).parameters
+        parameters = list(signature)
         name = self.config.timestep_arg
         self._module_ref = weakref.ref(module)
         self._timestep_position = parameters.index(name) if name in parameters else None
-        if name not in parameters and not any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()
-        ):
+        if name not in parameters and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
             raise ValueError(
                 f"timestep_arg={name!r}: {type(module).__name__}.forward has no such argument (arguments: {parameters})"
             )
@@ -275,7 +276,7 @@ class ABCacheHook(ModelHook):
         """(engine, time, context) of this call; engine None: run the model without caching."""
         base = self.contexts.name or DEFAULT_CONTEXT
         timestep = self._timestep(args, kwargs)
-        if not getattr(self, "_searched", False):
+        if not self._searched:
             self._find_running_scheduler()
         scheduler = self.scheduler
         if scheduler is not None and getattr(scheduler, "timesteps", None) is not None:

@@ -29,7 +29,7 @@ from .models import (
 )
 
 OUTPUT_TYPES = ("np", "pt", "latent")
-_CONTEXT_KWARGS = hasattr(importlib.import_module("diffusers.hooks.hooks"), "CacheContext")  # diffusers >= 0.42
+_CONTEXT_KWARGS = hasattr(importlib.import_module("diffusers.hooks.hooks"), "CacheContext")  # diffusers >= 0.41
 CFG_MODES = ("separate", "batched")
 
 
@@ -67,7 +67,7 @@ class FlowMatchDiTPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler)
 
     def _branch(self, name: str, step_index: int) -> contextlib.AbstractContextManager[None]:
-        """``transformer.cache_context(name, ...)``; with diffusers >= 0.42 it also says where the loop is."""
+        """``transformer.cache_context(name, ...)``; with diffusers >= 0.41 it also says where the loop is."""
         cache_context = getattr(self.transformer, "cache_context", None)
         if cache_context is None:
             return contextlib.nullcontext()
