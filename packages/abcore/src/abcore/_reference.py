@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -59,10 +59,8 @@ def sample(
     t = as_grid(grid)
     n = t.size - 1
     check_steps(steps, n)
-    if step_fn is None:
-        if steps is None:
-            raise ValueError("step_fn is required unless steps=LinearSteps(...) gives the step")
-        step_fn = _linear_step(steps, t)
+    if step_fn is None and steps is None:
+        raise ValueError("step_fn is required unless steps=LinearSteps(...) gives the step")
     correct = config.corrects(steps is not None)
     forced = config.forced_mask(n)
     x = np.asarray(x)
@@ -94,13 +92,10 @@ def sample(
         else:
             state = after_predicted(state, node, a, b)
         outputs.append(out)
-        x = step_fn(x, out, float(t[i]), float(t[i + 1]))
+        if step_fn is None:
+            x = cast(LinearSteps, steps).apply(i, x, out)
+        else:
+            x = step_fn(x, out, float(t[i]), float(t[i + 1]))
         if callback is not None:
             callback(i, x, out)
     return Trajectory(x, computed, outputs)
-
-
-def _linear_step(steps: LinearSteps, grid: np.ndarray) -> StepFn:
-    """`steps.apply` as a step function of (x, out, t, t_next), locating the step by its time."""
-    index = {float(v): j for j, v in enumerate(grid[:-1])}
-    return lambda x, out, t, t_next: steps.apply(index[t], x, out)
