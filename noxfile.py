@@ -4,7 +4,7 @@ nox -s tests          every package's tests (abcache-diffusers on diffusers 0.40
 nox -s lint           ruff check + format check
 nox -s typecheck      mypy over all packages
 nox -s demo           the main job: `abcache demo` on the shipped zoo
-nox -s bench          regenerate BENCHMARKS.md, the Pareto plots and image strips (every zoo model)
+nox -s bench          regenerate BENCHMARKS.md: the zoo (Pareto plots, image strips) and the LMS coefficient cost
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
 # package -> (what to install, test folder); each installs only its declared dependencies.
 PACKAGES = {
     "abcore": (["./packages/abcore"], "tests/abcore"),
-    "abcache-torch": ([TORCH, "./packages/abcore", "./packages/abcache-torch"], "tests/abcache_torch"),
-    "abcache-jax": (["./packages/abcore", "./packages/abcache-jax[flax]"], "tests/abcache_jax"),
+    "abcache-torch": ([TORCH, "./packages/abcore", "./packages/abcache-torch[test]"], "tests/abcache_torch"),
+    "abcache-jax": (["./packages/abcore", "./packages/abcache-jax[flax,diffrax]"], "tests/abcache_jax"),
     "abcache-diffusers": (
         [TORCH, "./packages/abcore", "./packages/abcache-torch", "./packages/abcache-diffusers[test]"],
         "tests/abcache_diffusers",
@@ -55,6 +55,10 @@ PACKAGES = {
     ),
 }
 
+# Peers tested against but installed without their dependencies: k-diffusion's training extras (torchvision,
+# kornia, wandb, ...) are not needed by its sampling module, which the abcache-torch [test] extra covers.
+WITHOUT_DEPENDENCIES = {"abcache-torch": ["k-diffusion==0.1.1.post1"]}
+
 
 @nox.session
 @nox.parametrize("package", list(PACKAGES))
@@ -62,6 +66,8 @@ def tests(session: nox.Session, package: str) -> None:
     installs, folder = PACKAGES[package]
     session.install(*installs[:1])  # torch first, pinned, so nothing pulls another build
     session.install(*installs[1:], *TEST_TOOLS)
+    if package in WITHOUT_DEPENDENCIES:
+        session.install("--no-deps", *WITHOUT_DEPENDENCIES[package])
     session.run("pytest", folder, *session.posargs, env=ENV)
 
 
@@ -85,7 +91,7 @@ def _install_all(session: nox.Session, *extra: str) -> None:
         *extra,
         "./packages/abcore",
         "./packages/abcache-torch",
-        "./packages/abcache-jax[flax]",
+        "./packages/abcache-jax[flax,diffrax]",
         "./packages/abcache-diffusers",
         "./packages/abcache-examples",
     )
@@ -99,5 +105,6 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    _install_all(session)
+    _install_all(session, "scipy")  # diffusers' LMS quadrature, timed against the exact coefficients
+    session.run("python", "benchmarks/lms_coefficients.py", env=ENV)
     session.run("python", "-m", "abcache_examples.bench", *session.posargs, env=ENV)

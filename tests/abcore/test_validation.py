@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import abcore
 import numpy as np
@@ -140,3 +141,20 @@ def test_backward_difference_coefficient_rejects_negative() -> None:
 def test_num_computed_rejects_bad_num_steps() -> None:
     with pytest.raises(ValueError, match="num_steps"):
         abcore.ABConfig().num_computed(0)
+
+
+@pytest.mark.parametrize(
+    ("grid", "order", "name"),
+    [
+        ([0.0, 1.0, 0.5], 2, "grid"),
+        ([0.0], 2, "grid"),
+        ([0.0, math.nan], 1, "grid"),
+        ([[0.0, 1.0]], 1, "grid"),
+        ([0.0, 1.0], 0, "order"),
+        ([0.0, 1.0], 2.0, "order"),
+        ([0.0, 1.0], True, "order"),
+    ],
+)
+def test_multistep_table_refuses_bad_input(grid: Any, order: Any, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        abcore.multistep_table(grid, order)

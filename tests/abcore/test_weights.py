@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from fractions import Fraction
 from math import comb
@@ -205,3 +206,97 @@ def test_barycentric_weights_with_a_mask_use_only_the_valid_nodes(data: st.DataO
     w = np.asarray(abcore.barycentric_weights(filled, mask, target))
     assert np.all(w[~mask] == 0.0)
     np.testing.assert_allclose(w[mask], abcore.extrapolation_weights(nodes[mask], target), rtol=1e-9, atol=1e-9)
+
+
+def exact_row(grid: list[Fraction], i: int, m: int) -> list[Fraction]:
+    """The order-m row i by the order conditions over the rationals (an oracle independent of the closed form):
+    sum_j w_j (t_{i-j} - t_i)^q = (t_{i+1} - t_i)^(q+1) / (q + 1), q = 0..m-1."""
+    h = grid[i + 1] - grid[i]
+    matrix = [[(grid[i - j] - grid[i]) ** q for j in range(m)] for q in range(m)]
+    return solve_exact(matrix, [h ** (q + 1) / (q + 1) for q in range(m)])
+
+
+@SETTINGS
+@given(
+    order=st.integers(1, 6),
+    steps=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    start=st.integers(-50, 50),
+    decreasing=st.booleans(),
+)
+def test_multistep_table_equals_the_exact_rational_weights(
+    order: int, steps: list[int], start: int, decreasing: bool
+) -> None:
+    # Grids of rationals with step ratios up to 40: exact in float64 (multiples of 1/8), then exact weights.
+    sign = -1 if decreasing else 1
+    grid = [Fraction(start, 8)]
+    for s in steps:
+        grid.append(grid[-1] + sign * Fraction(s, 8))
+    table = abcore.multistep_table(np.array([float(t) for t in grid]), order)
+    assert table.shape == (len(steps), order) and table.dtype == np.float64
+    for i in range(len(steps)):
+        m = min(order, i + 1)
+        expected = np.array([float(w) for w in exact_row(grid, i, m)] + [0.0] * (order - m))
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(table[i], expected, rtol=0, atol=1e-12 * scale)
+        assert np.all(table[i, m:] == 0.0)
+
+
+@pytest.mark.parametrize("order", range(1, 9))
+def test_multistep_table_on_equal_steps_is_h_times_adams_bashforth(order: int) -> None:
+    h = -0.125  # decreasing, as sigmas are
+    table = abcore.multistep_table(1.0 + h * np.arange(12), order)
+    for i in range(12 - 1):
+        m = min(order, i + 1)
+        expected = [h * float(b) for b in theory.adams_bashforth_weights(m)] + [0.0] * (order - m)
+        np.testing.assert_allclose(table[i], expected, rtol=1e-13, atol=1e-15)
+
+
+@SETTINGS
+@given(data=st.data(), order=st.integers(1, 6))
+def test_multistep_table_rows_integrate_polynomials_exactly(data: st.DataObject, order: int) -> None:
+    # A smooth non-uniform schedule (Karras-like, rho = 7) from 80 to 0.002, as diffusion samplers use.
+    n = data.draw(st.integers(1, 30))
+    ramp = np.linspace(0, 1, n + 1)
+    grid = (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    table = abcore.multistep_table(grid, order)
+    for i in range(n):
+        m = min(order, i + 1)
+        nodes = grid[i - m + 1 : i + 1][::-1]
+        degree = data.draw(st.integers(0, m - 1))
+        coeffs = data.draw(st.lists(st.floats(-10, 10), min_size=degree + 1, max_size=degree + 1))
+        case = PolynomialCase(np.polynomial.Polynomial(coeffs), grid[i], abs(nodes[-1] - grid[i + 1]))
+        antiderivative = case.poly.integ()
+        exact = case.spread * (antiderivative(case.local(grid[i + 1])) - antiderivative(case.local(grid[i])))
+        terms = table[i, :m] * case.poly(case.local(nodes))
+        assert abs(terms.sum() - exact) <= 1e-10 * (np.abs(terms).sum() + abs(exact) + 1e-300)
+        np.testing.assert_allclose(table[i, :m], theory.multistep_weights(nodes, grid[i], grid[i + 1]), rtol=1e-12)
+
+
+def test_multistep_table_shorter_than_its_order_holds_only_start_up_rows() -> None:
+    table = abcore.multistep_table([0.0, 1.0, 3.0], 4)
+    np.testing.assert_allclose(table, [[1.0, 0, 0, 0], [4.0, -2.0, 0, 0]])  # Euler, then AB2 over a step twice as long
+
+
+def test_multistep_table_docstring_example_runs() -> None:
+    import doctest
+
+    from abcore import _weights
+
+    assert doctest.testmod(_weights, raise_on_error=True).attempted >= 2
+
+
+def test_multistep_table_start_up_rows_make_lms_second_order() -> None:
+    # The first rows are Euler, then AB2, ... (diffusers' and k-diffusion's LMS start-up), whose local errors
+    # O(h^2), O(h^3) do not shrink with the step count: the table's integrator is globally second order for
+    # every order >= 2 (and first order for order 1), on y' = -2 y over [0, 1].
+    def error(n: int, order: int) -> float:
+        grid = np.linspace(0.0, 1.0, n + 1)
+        y, history = 1.0, []
+        for row in abcore.multistep_table(grid, order):
+            history = [-2.0 * y, *history][:order]
+            y += sum(w * f for w, f in zip(row, history))
+        return abs(y - math.exp(-2.0))
+
+    for order, expected in [(1, 1), (2, 2), (3, 2), (4, 2)]:
+        slopes = -np.diff(np.log2([error(n, order) for n in (40, 80, 160)]))
+        np.testing.assert_allclose(slopes, expected, atol=0.1)

@@ -506,6 +506,35 @@ def _gpu_section(path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _lms_section(path: Path) -> list[str]:
+    lines = ["## Exact LMS coefficients against quadrature (50 steps, order 4)", ""]
+    if not path.exists():
+        return [
+            *lines,
+            f"Not measured: `{path.as_posix()}` does not exist (`python benchmarks/lms_coefficients.py`).",
+            "",
+        ]
+    lms = json.loads(path.read_text())
+    seconds = lms["seconds"]
+    quadrature = next(iter(seconds.values()))
+    lines += [
+        f"From `{path.as_posix()}` (`{lms['command']}`, {lms['date']}, {lms['machine']}; medians of "
+        f"{lms['repeats']} alternated repeats in one process). Stable Diffusion's LMS schedule; the ratio is the "
+        "first row's time over each row's.",
+        "",
+        "| coefficients of one schedule | time | ratio |",
+        "|---|---|---|",
+        *(f"| {name} | {s * 1e6:,.0f} us | {quadrature / s:,.0f}x |" for name, s in seconds.items()),
+        "",
+        f"`jax.jit` compiles the table once in {lms['jax_compile_s']:.2f} s. Largest error against the exact "
+        "integrals of the same float32 sigmas (rationals, relative to each row's largest coefficient): "
+        + ", ".join(f"{name} {err:.1e}" for name, err in lms["max_relative_error"].items())
+        + " (diffusers integrates in float32).",
+        "",
+    ]
+    return lines
+
+
 def args_repeats(results: dict[str, dict[str, Any]]) -> int | str:
     repeats = {r["timing"]["repeats"] for r in results.values() if "timing" in r}
     return repeats.pop() if len(repeats) == 1 else "-"
@@ -566,6 +595,7 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
         "",
     ]
     lines += _gpu_section(meta["gpu_json"])
+    lines += _lms_section(out_dir / "benchmarks" / "results" / "lms_coefficients.json")
     lines += ["## Fastest AB-Cache setting above 45 dB, per model", ""]
     for model, settings in aggregated.items():
         above = [s for s in settings if s.section == "main" and s.ours and s.psnr_lo >= 45]
@@ -599,7 +629,8 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
         lines += ["Best setting of each family within each budget (PSNR dB, mean (spread) @ calls):", ""]
         lines += _budget_table(main)
         images = results[model].get("images")
-        if images:
+        strip = plots / f"strip_{model}.png"
+        if images:  # (the images are not committed: without them, a rendering keeps the strip drawn before)
             ours = best([s for s in main if s.ours], 13)
             peer = best([s for s in main if not s.ours], 13)
             rows = [(f"full {STEPS} steps", images[f"full {STEPS} steps"])]
@@ -607,8 +638,8 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
                 if s is not None and s.method in images:
                     head, _, tail = s.method.rpartition(", ")
                     rows.append((f"{head},\n{tail} ({s.nfe:g} calls, {s.psnr:.1f} dB)", images[s.method]))
-            strip = plots / f"strip_{model}.png"
             save_rows(rows, strip, label_width=330)
+        if strip.exists():
             lines += ["", f"At <= 13 calls, seed {meta['seeds'][0]}: full | best AB-Cache | best peer:", ""]
             lines += [f"![image strip, {model}](benchmarks/{strip.name})"]
         sections = sorted({s.section for s in settings} - {"main"})

@@ -3,7 +3,9 @@
 Pure numpy + sympy; never imports torch or jax. The step rule (`decide`, `correction_weights`,
 `after_predicted`, `after_computed` on a `RuleState`) is the one source of every decision and weight:
 `make_plan` folds it over a known grid, `sample` executes it in numpy, and the adapters execute it
-in PyTorch and JAX. The paper's theory is in `abcore.theory`, test helpers in `abcore.testing`.
+in PyTorch and JAX. For other samplers, `multistep_table` gives the exact variable-step
+Adams-Bashforth (LMS) weights of a whole schedule in numpy, torch or jax.numpy. The paper's theory
+is in `abcore.theory`, test helpers in `abcore.testing`.
 """
 
 from abcore._config import ABSCISSAS, PREDICTORS, WEIGHTINGS, ABConfig
@@ -24,7 +26,7 @@ from abcore._rule import (
 from abcore._schedule import lambda_from_alphas_cumprod, lambda_from_sigma
 from abcore._steps import PREDICTIONS, LinearSteps
 from abcore._validate import as_grid, as_times
-from abcore._weights import barycentric_weights, extrapolation_weights
+from abcore._weights import barycentric_weights, extrapolation_weights, multistep_table, multistep_weights
 
 __all__ = [
     "ABSCISSAS",
@@ -52,6 +54,8 @@ __all__ = [
     "lambda_from_alphas_cumprod",
     "lambda_from_sigma",
     "make_plan",
+    "multistep_table",
+    "multistep_weights",
     "node_of",
     "sample",
 ]

@@ -5,7 +5,7 @@ log(error) against log(h) (h the largest step) fitted on the finest refinements
 whose error is above the float64 floor:
 
 - "integrator": a k-step variable-step Adams-Bashforth integrator built from
-  `multistep_weights` (start-up with exact values); global error at the end, O(h^k).
+  `multistep_table` (start-up with exact values); global error at the end, O(h^k).
 - "prediction": the order-k Lagrange prediction of the right-hand side f(y(t_i), t_i)
   from the k previous steps along the exact solution; RMS error over the grid, O(h^k).
 - "cache": the deviation at the end of the Euler sampler run by `sample` with
@@ -38,7 +38,7 @@ import numpy as np
 from abcore._config import ABConfig
 from abcore._reference import sample
 from abcore._steps import LinearSteps
-from abcore._weights import extrapolation_weights, multistep_weights
+from abcore._weights import extrapolation_weights, multistep_table
 
 GRIDS: tuple[str, ...] = ("equal", "random", "shifted", "jitter")
 KINDS: tuple[str, ...] = ("integrator", "prediction", "cache")
@@ -142,10 +142,11 @@ def make_grid(kind: str, n: int, shift: float = FLUX_SHIFT, seed: int = RANDOM_S
 def adams_bashforth_solve(ode: SyntheticODE, times: np.ndarray, k: int) -> np.ndarray:
     """k-step variable-step Adams-Bashforth on `times`, started with exact values y_0..y_{k-1}.
 
-    y_{i+1} = y_i + sum_j w_j f(y_{i-j}, t_{i-j}), w = multistep_weights(t_i..t_{i-k+1}, t_i, t_{i+1}).
+    y_{i+1} = y_i + sum_j W[i, j] f(y_{i-j}, t_{i-j}), W = multistep_table(times, k).
     """
     if len(times) <= k:
         raise ValueError(f"times must hold more than k = {k} entries, got {len(times)}")
+    table = multistep_table(times, k)
     history: list[np.ndarray] = []  # f at t_i, t_{i-1}, ..., newest first
     y = ode.exact(times[0])
     for i in range(len(times) - 1):
@@ -153,8 +154,7 @@ def adams_bashforth_solve(ode: SyntheticODE, times: np.ndarray, k: int) -> np.nd
             y = ode.exact(times[i])
         history = [ode.f(y, times[i]), *history][:k]
         if i >= k - 1:
-            w = multistep_weights(times[i - k + 1 : i + 1][::-1], times[i], times[i + 1])
-            y = y + sum(wj * fj for wj, fj in zip(w, history, strict=True))
+            y = y + sum(wj * fj for wj, fj in zip(table[i], history, strict=True))
     return y
 
 

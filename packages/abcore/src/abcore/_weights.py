@@ -27,6 +27,7 @@ f_{n-i} + O(h^k), Eq. 3.6 without the exponential factor, for every k.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 from math import comb
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from abcore._validate import as_nodes, check_order
+from abcore._validate import as_grid, as_nodes, check_order
 
 _s = sympy.Symbol("s")
 
@@ -132,35 +133,96 @@ def verify_proposition_2(k: int) -> Proposition2Report:
     return Proposition2Report(k, gamma, differences, expected, recursion)
 
 
-def multistep_weights(nodes: Any, t_from: float, t_to: float) -> np.ndarray:
-    """Variable-step Adams-Bashforth weights: integral_{t_from}^{t_to} l_i(t) dt.
+def _basis_integrals(columns: list[Any], t_from: Any, t_to: Any, xp: Any) -> list[Any]:
+    """[integral_{t_from}^{t_to} l_j(t) dt for each j]: l_j the Lagrange basis through the node columns.
+
+    Closed form, no quadrature: in u = (t - t_from) / s (s the largest distance from t_from, so |u| <= 1),
+    l_j(u) = prod_{i != j} (u - u_i) / (u_j - u_i) is expanded into monomials c_p u^p and integrated term
+    by term, integral_0^U u^p du = U^(p+1) / (p + 1). Every column, t_from and t_to broadcast together;
+    only +, -, *, /, abs, maximum and where, so any array namespace runs it, traced and differentiated.
+    """
+    scale = xp.abs(t_to - t_from)
+    for x in columns:
+        scale = xp.maximum(scale, xp.abs(x - t_from))
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    u = [(x - t_from) / scale for x in columns]
+    upper = (t_to - t_from) / scale
+    powers = [upper]
+    while len(powers) < len(columns):
+        powers.append(powers[-1] * upper)
+    moments = [m / (p + 1) for p, m in enumerate(powers)]
+    out = []
+    for j, u_j in enumerate(u):
+        coeffs: list[Any] = [1.0]  # prod_{i != j} (u - u_i), lowest degree first
+        denominator: Any = 1.0
+        for i, u_i in enumerate(u):
+            if i != j:
+                coeffs = [-u_i * coeffs[0], *(c - u_i * d for c, d in itertools.pairwise(coeffs)), coeffs[-1]]
+                denominator = denominator * (u_j - u_i)
+        integral = sum(c * m for c, m in zip(coeffs, moments, strict=True))
+        out.append(integral / denominator * scale)
+    return out
+
+
+def multistep_weights(nodes: Any, t_from: Any, t_to: Any, xp: Any = np) -> Any:
+    """Variable-step Adams-Bashforth weights: w_i = integral_{t_from}^{t_to} l_i(t) dt.
 
     l_i is the Lagrange basis polynomial through the distinct `nodes`, so that
     integral_{t_from}^{t_to} f(t) dt ~ sum_i w_i f(nodes_i), exact for polynomials of
-    degree < len(nodes). The integral is taken in closed form (the antiderivative of
-    each basis polynomial, in a shifted and scaled variable), not by quadrature. On
-    equal nodes t_n, t_n - h, ..., integrated over [t_n, t_n + h] this is
-    h * adams_bashforth_weights(k).
+    degree < len(nodes) (an order-k multistep step, k = len(nodes), local error O(h^(k+1))).
+    The integral is taken in closed form, not by quadrature. On equal nodes t_n, t_n - h, ...,
+    integrated over [t_n, t_n + h] this is h * adams_bashforth_weights(k) (Appendix A).
+
+    With numpy (the default) the arguments are validated: 1-D distinct finite nodes, finite ends.
+    With any other namespace (`jax.numpy`, `torch`) it is pure arithmetic: nodes of shape (..., k)
+    and ends of shape (...) broadcast, it traces under `jax.jit` and differentiates, and the
+    caller keeps the nodes distinct.
     """
+    if xp is not np:
+        return xp.stack(_basis_integrals([nodes[..., i] for i in range(nodes.shape[-1])], t_from, t_to, xp), -1)
     x = as_nodes(nodes, "nodes")
     t_from = float(t_from)
     t_to = float(t_to)
     if not (np.isfinite(t_from) and np.isfinite(t_to)):
         raise ValueError(f"t_from and t_to must be finite, got {t_from!r}, {t_to!r}")
-    scale = max(float(np.max(np.abs(x - t_from))), abs(t_to - t_from))
-    if scale == 0.0:
-        return np.zeros_like(x)
-    u = (x - t_from) / scale
-    upper = (t_to - t_from) / scale
-    weights = np.empty_like(x)
-    for i in range(x.size):
-        others = np.delete(u, i)
-        # fromroots([]) raises; the single-node basis is the constant 1.
-        roots = np.polynomial.Polynomial.fromroots(others) if others.size else np.polynomial.Polynomial([1.0])
-        basis = roots / np.prod(u[i] - others)
-        antiderivative = basis.integ()
-        weights[i] = antiderivative(upper) - antiderivative(0.0)
-    return weights * scale
+    return np.array(_basis_integrals(list(x), t_from, t_to, np), dtype=np.float64)
+
+
+def multistep_table(grid: Any, order: int, xp: Any = np) -> Any:
+    """The variable-step Adams-Bashforth-`order` weights of a whole schedule, shape (n, order).
+
+    For the grid t_0, ..., t_n (n steps; decreasing sigmas or increasing times), row i holds
+    W[i, j] = integral_{t_i}^{t_{i+1}} l_j(t) dt, l_j the Lagrange basis through t_i, t_{i-1}, ...,
+    t_{i-m+1} (m = min(order, i + 1): the first steps use every node they have, as diffusers'
+    `LMSDiscreteScheduler` and k-diffusion's `sample_lms` do; W[i, j] = 0 for j >= m), so that
+
+        x_{i+1} = x_i + sum_j W[i, j] f(t_{i-j}),
+
+    local error O(h^(m+1)). The start-up rows' local errors O(h^2), O(h^3), ... do not shrink with the
+    number of steps, so this integrator, like the LMS samplers above, is globally second order for every
+    order >= 2 (measured in the tests); global order k needs the first k - 1 steps from a one-step method
+    of order >= k - 1 (as `abcache_jax.diffrax.AdamsBashforth` does). Closed form (see
+    `multistep_weights`), one vectorised pass over the grid.
+    With numpy (the default) the grid is validated (finite, strictly monotonic, >= 2 entries) and
+    float64; with `jax.numpy` or `torch` it is pure arithmetic in the grid's dtype and device
+    (jit-able with `order` static, differentiable with respect to the grid).
+
+    >>> import numpy as np
+    >>> multistep_table(np.array([0.0, 1.0, 2.0, 3.0]), 2)
+    array([[ 1. ,  0. ],
+           [ 1.5, -0.5],
+           [ 1.5, -0.5]])
+    """
+    k = check_order(order, "order")
+    g = as_grid(grid, "grid") if xp is np else grid
+    n = g.shape[0] - 1
+    rows = []
+    for i in range(min(k - 1, n)):  # the first steps: i + 1 nodes
+        w = _basis_integrals([g[i - j : i - j + 1] for j in range(i + 1)], g[i : i + 1], g[i + 1 : i + 2], xp)
+        rows.append(xp.stack(w + [xp.zeros_like(g[:1])] * (k - 1 - i), -1))
+    if n >= k:
+        rows.append(xp.stack(_basis_integrals([g[k - 1 - j : n - j] for j in range(k)], g[k - 1 : n], g[k:], xp), -1))
+    return xp.concatenate(rows, 0)
 
 
 def barycentric_weights(nodes: Any, valid: Any, target: Any, xp: Any = np) -> Any:
