@@ -3,9 +3,12 @@
 `sample` runs a sampler under `lax.scan` and executes abcore's step rule on `jax.numpy`: the model
 runs only at the steps the rule computes, the others are predicted from a `History` of past outputs
 (and corrected once the next output is computed, given the sampler's `abcore.LinearSteps`).
+`multistep_table` gives abcore's exact variable-step Adams-Bashforth weights of a schedule in JAX;
+the optional `abcache_jax.diffrax` module (extra ``diffrax``) holds a diffrax `AdamsBashforth` solver.
 """
 
 from abcache_jax._history import History, init_history, push, weighted_sum
+from abcache_jax._multistep import multistep_table
 from abcache_jax._sample import ModelFn, StepFn, Trajectory, any_over_batch, sample
 from abcache_jax._steps import ddim_eps_step, flow_euler_step, vp_alpha_sigma
 
@@ -18,6 +21,7 @@ __all__ = [
     "ddim_eps_step",
     "flow_euler_step",
     "init_history",
+    "multistep_table",
     "push",
     "sample",
     "vp_alpha_sigma",
