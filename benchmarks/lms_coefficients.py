@@ -10,7 +10,8 @@ process, medians of alternated repeats:
   `abcache_jax.multistep_table` under `jax.jit` (after compiling; the compile time is reported apart).
 
 Accuracy: the largest error, relative to each row's largest coefficient, of diffusers' quadrature and of the
-closed form, against the exact integrals of the same float32 sigmas as rationals (`sympy.interpolate`).
+closed form, against the exact integrals of the same float32 sigmas as rationals
+(`abcore.testing.exact_multistep_weights`, by the order conditions).
 
     python benchmarks/lms_coefficients.py --out benchmarks/results/lms_coefficients.json
 """
@@ -24,6 +25,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,9 @@ import abcore
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sympy
 import torch
 from abcache_diffusers import ExactLMSDiscreteScheduler
+from abcore.testing import exact_multistep_weights
 from diffusers import LMSDiscreteScheduler
 
 STEPS, ORDER = 50, 4
@@ -54,29 +56,19 @@ def step_calls(scheduler: LMSDiscreteScheduler) -> list[float]:
     ]
 
 
-def exact_table(sigmas: np.ndarray) -> list[list[sympy.Rational]]:
-    s = sympy.Symbol("s")
-    nodes = [sympy.Rational(float(v)) for v in sigmas]
+def exact_table(sigmas: np.ndarray) -> list[tuple[Fraction, ...]]:
     rows = []
     for t in range(STEPS):
         m = min(t + 1, ORDER)
-        points = nodes[t - m + 1 : t + 1][::-1]
-        rows.append(
-            [
-                sympy.integrate(
-                    sympy.interpolate([(p, int(i == j)) for i, p in enumerate(points)], s), (s, nodes[t], nodes[t + 1])
-                )
-                for j in range(m)
-            ]
-        )
+        rows.append(exact_multistep_weights(sigmas[t - m + 1 : t + 1][::-1], sigmas[t], sigmas[t + 1]))
     return rows
 
 
-def worst_error(values: list[float], exact: list[list[sympy.Rational]]) -> float:
+def worst_error(values: list[float], exact: list[tuple[Fraction, ...]]) -> float:
     it, worst = iter(values), 0.0
     for row in exact:
         scale = max(abs(float(c)) for c in row)
-        worst = max(worst, *(float(abs(sympy.Rational(next(it)) - c)) / scale for c in row))
+        worst = max(worst, *(float(abs(Fraction(next(it)) - c)) / scale for c in row))
     return worst
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from abcache_diffusers import ExactLMSDiscreteScheduler
+from abcore.testing import exact_multistep_weights
 from diffusers import LMSDiscreteScheduler, UNet2DModel
 
 SCHEDULES: dict[str, dict[str, Any]] = {
@@ -28,18 +29,6 @@ def schedulers(config: dict[str, Any], steps: int) -> tuple[LMSDiscreteScheduler
     return theirs, ours
 
 
-def exact_coefficient(sigmas: list[Fraction], order: int, t: int, j: int) -> Fraction:
-    """integral_{s_t}^{s_{t+1}} l_j, by integrating the basis polynomial's coefficients over the rationals."""
-    coeffs = [Fraction(1)]  # prod_{k != j} (s - s_{t-k}) / (s_{t-j} - s_{t-k}), lowest degree first
-    for k in range(order):
-        if k != j:
-            root, scale = sigmas[t - k], sigmas[t - j] - sigmas[t - k]
-            shifted = [Fraction(0), *coeffs]
-            coeffs = [(a - root * b) / scale for a, b in zip(shifted, [*coeffs, Fraction(0)], strict=True)]
-    a, b = sigmas[t], sigmas[t + 1]
-    return sum(c * (b ** (p + 1) - a ** (p + 1)) / (p + 1) for p, c in enumerate(coeffs))
-
-
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_coefficients_equal_diffusers_quadrature_and_the_exact_integral(schedule: str, steps: int) -> None:
@@ -48,7 +37,7 @@ def test_coefficients_equal_diffusers_quadrature_and_the_exact_integral(schedule
     quadrature_error, exact_error = 0.0, 0.0
     for order in range(1, 5):
         for t in range(order - 1, steps):
-            exact = [exact_coefficient(sigmas, order, t, j) for j in range(order)]
+            exact = exact_multistep_weights(sigmas[t - order + 1 : t + 1][::-1], sigmas[t], sigmas[t + 1])
             scale = max(abs(float(c)) for c in exact)
             for j, c in enumerate(exact):
                 quadrature_error = max(quadrature_error, abs(theirs.get_lms_coefficient(order, t, j) - c) / scale)

@@ -13,6 +13,7 @@ import abcore
 import numpy as np
 import pytest
 from abcore import theory
+from abcore.testing import exact_multistep_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,25 +33,9 @@ KNOWN_GAMMA = (Fraction(1), Fraction(1, 2), Fraction(5, 12), Fraction(3, 8), Fra
 SETTINGS = settings(max_examples=60, deadline=None)
 
 
-def solve_exact(matrix: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
-    """Gauss-Jordan elimination over the rationals."""
-    n = len(rhs)
-    a = [[*row, b] for row, b in zip(matrix, rhs, strict=True)]
-    for col in range(n):
-        pivot = next(r for r in range(col, n) if a[r][col] != 0)
-        a[col], a[pivot] = a[pivot], a[col]
-        a[col] = [v / a[col][col] for v in a[col]]
-        for r in range(n):
-            if r != col and a[r][col] != 0:
-                factor = a[r][col]
-                a[r] = [v - factor * p for v, p in zip(a[r], a[col], strict=True)]
-    return [row[-1] for row in a]
-
-
 def ab_from_order_conditions(k: int) -> tuple[Fraction, ...]:
     """sum_j b_j (-j)^q = 1/(q+1), q = 0..k-1: integral_0^1 s^q ds with nodes at s = -j."""
-    matrix = [[Fraction((-j) ** q) for j in range(k)] for q in range(k)]
-    return tuple(solve_exact(matrix, [Fraction(1, q + 1) for q in range(k)]))
+    return exact_multistep_weights(range(0, -k, -1), 0, 1)
 
 
 @pytest.mark.parametrize("k", range(1, 9))
@@ -208,14 +193,6 @@ def test_barycentric_weights_with_a_mask_use_only_the_valid_nodes(data: st.DataO
     np.testing.assert_allclose(w[mask], abcore.extrapolation_weights(nodes[mask], target), rtol=1e-9, atol=1e-9)
 
 
-def exact_row(grid: list[Fraction], i: int, m: int) -> list[Fraction]:
-    """The order-m row i by the order conditions over the rationals (an oracle independent of the closed form):
-    sum_j w_j (t_{i-j} - t_i)^q = (t_{i+1} - t_i)^(q+1) / (q + 1), q = 0..m-1."""
-    h = grid[i + 1] - grid[i]
-    matrix = [[(grid[i - j] - grid[i]) ** q for j in range(m)] for q in range(m)]
-    return solve_exact(matrix, [h ** (q + 1) / (q + 1) for q in range(m)])
-
-
 @SETTINGS
 @given(
     order=st.integers(1, 6),
@@ -235,7 +212,8 @@ def test_multistep_table_equals_the_exact_rational_weights(
     assert table.shape == (len(steps), order) and table.dtype == np.float64
     for i in range(len(steps)):
         m = min(order, i + 1)
-        expected = np.array([float(w) for w in exact_row(grid, i, m)] + [0.0] * (order - m))
+        exact = exact_multistep_weights(grid[i - m + 1 : i + 1][::-1], grid[i], grid[i + 1])
+        expected = np.array([float(w) for w in exact] + [0.0] * (order - m))
         scale = np.abs(expected).max()
         np.testing.assert_allclose(table[i], expected, rtol=0, atol=1e-12 * scale)
         assert np.all(table[i, m:] == 0.0)

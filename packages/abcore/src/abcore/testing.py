@@ -1,6 +1,9 @@
-"""Test helpers: synthetic ODEs with known solutions, grids, convergence-order measurement, and the
-model and config sweep that adapter parity tests run against `abcore.sample`."""
+"""Test helpers: synthetic ODEs with known solutions, grids, convergence-order measurement, the
+model and config sweep that adapter parity tests run against `abcore.sample`, and exact rational
+multistep weights to check any implementation against."""
 
+from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,7 @@ __all__ = [
     "cache_deviation",
     "config_sweep",
     "convergence_orders",
+    "exact_multistep_weights",
     "fit_slope",
     "linear_ode",
     "make_grid",
@@ -68,3 +72,25 @@ def config_sweep() -> list[ABConfig]:
     mask = (True, True, False, False, True, False, False, False, True, False, True, True)
     configs.append(ABConfig(order=2, compute_mask=mask, cooldown=0, correct=True))
     return configs
+
+
+def exact_multistep_weights(nodes: Iterable[Any], t_from: Any, t_to: Any) -> tuple[Fraction, ...]:
+    """integral_{t_from}^{t_to} l_j(t) dt over the rationals, by the order conditions, not the closed form.
+
+    Solves sum_j w_j (x_j - t_from)^q = (t_to - t_from)^(q+1) / (q + 1), q = 0..k-1, exactly (Gauss-Jordan
+    over `Fraction`s; floats are taken at their exact binary values). An oracle independent of
+    `multistep_weights` / `multistep_table`, for the tests and benchmarks of every adapter and drop-in.
+    """
+    x = [Fraction(v) for v in nodes]
+    a, h = Fraction(t_from), Fraction(t_to) - Fraction(t_from)
+    k = len(x)
+    rows = [[(xj - a) ** q for xj in x] + [h ** (q + 1) / (q + 1)] for q in range(k)]
+    for col in range(k):
+        pivot = next(r for r in range(col, k) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [v / rows[col][col] for v in rows[col]]
+        for r in range(k):
+            if r != col and rows[r][col] != 0:
+                factor = rows[r][col]
+                rows[r] = [v - factor * p for v, p in zip(rows[r], rows[col], strict=True)]
+    return tuple(row[-1] for row in rows)
