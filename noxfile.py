@@ -1,6 +1,7 @@
 """One noxfile for the monorepo: each package is tested as installed (non-editable).
 
-nox -s tests          every package's tests (abcache-diffusers on diffusers 0.40, 0.41 and the newest), then the examples'
+nox -s tests          every package's tests (abcache-diffusers on diffusers 0.40, 0.41 and the newest; abcache-jax
+                      with keras-hub in a session of its own), then the examples'
 nox -s lint           ruff check + format check
 nox -s typecheck      mypy over all packages
 nox -s demo           the main job: `abcache demo` on the shipped zoo
@@ -17,12 +18,18 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 TORCH = "torch==2.13.0"  # the CPU build on this disk; an unpinned torch pulls a CUDA build
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
+KERAS_HUB = ["keras-hub==0.32.0", "keras==3.15.1"]  # the versions abcache_jax.keras_hub is tested with
 
 # package -> (what to install, test folder); each installs only its declared dependencies.
 PACKAGES = {
     "abcore": (["./packages/abcore"], "tests/abcore"),
     "abcache-torch": ([TORCH, "./packages/abcore", "./packages/abcache-torch[test]"], "tests/abcache_torch"),
     "abcache-jax": (["./packages/abcore", "./packages/abcache-jax[flax,diffrax]"], "tests/abcache_jax"),
+    # keras-hub pulls tensorflow: its own session (its tests are skipped in the one above)
+    "abcache-jax-keras-hub": (
+        ["./packages/abcore", "./packages/abcache-jax[flax,keras-hub]", *KERAS_HUB],
+        "tests/abcache_jax/keras_hub_sd3",
+    ),
     "abcache-diffusers": (
         [TORCH, "./packages/abcore", "./packages/abcache-torch", "./packages/abcache-diffusers[test]"],
         "tests/abcache_diffusers",

@@ -1,30 +1,28 @@
-"""The diffusers hook on the zoo: the correction on / off, and one adaptive decision for all cache contexts
-(joint, the default) against one decision per context (cond and uncond deciding alone).
+"""The diffusers hook on the zoo: the correction on / off, and the adaptive mode, whose one decision per step holds
+for all cache contexts (cond and uncond make the same calls; deciding per context was measured against it in
+benchmark v2 and is no longer a mode of the hook).
 
     OMP_NUM_THREADS=1 python benchmarks/joint_adaptive.py [--batch 100] [--models flow eps]
 
-PSNR against the full 50-step sampler from the same noise; calls per image and guidance branch (the mean of the
-branches: deciding per context, cond and uncond may make different calls).
+PSNR against the full 50-step sampler from the same noise; calls per image and guidance branch.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from abcache_diffusers import ABCacheConfig, ABCacheHook
+from abcache_diffusers import ABCacheConfig
 from abcache_examples.compare import Scorer, make_setup
-from abcache_examples.models import MODEL_NAMES
+from abcache_examples.models import CLASSIFIERS, MODEL_NAMES
 
 
-def rows() -> list[tuple[str, ABCacheConfig, bool]]:
+def rows() -> list[tuple[str, ABCacheConfig]]:
     out = [
-        ("fixed default, correct=False", ABCacheConfig(correct=False), True),
-        ("fixed default, correct=True", ABCacheConfig(correct=True), True),
+        ("fixed default, correct=False", ABCacheConfig(correct=False)),
+        ("fixed default, correct=True", ABCacheConfig(correct=True)),
     ]
     for tol in (0.05, 0.1, 0.2):
-        for joint in (False, True):
-            label = f"adaptive tol {tol}, interval 6, corrected, {'joint' if joint else 'per context'}"
-            out.append((label, ABCacheConfig(tolerance=tol, interval=6), joint))
+        out.append((f"adaptive tol {tol}, interval 6, corrected", ABCacheConfig(tolerance=tol, interval=6)))
     return out
 
 
@@ -33,22 +31,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--models", nargs="+", default=["flow", "eps"], choices=[m for m in MODEL_NAMES if m != "classifier"]
+        "--models", nargs="+", default=["flow", "eps"], choices=[m for m in MODEL_NAMES if m not in CLASSIFIERS]
     )
     args = parser.parse_args()
-    scorer = Scorer()
     for model in args.models:
+        scorer = Scorer(model)
         setup = make_setup(model, args.batch, args.seed)
         reference = setup.run("full", "full")
         print(
             f"\n{model} ({args.batch} images, seed {args.seed})\n\n| setting | calls per branch | PSNR dB |\n|---|---|---|"
         )
-        for label, config, joint in rows():
-            ABCacheHook._joint = joint
-            try:
-                run = scorer.score(setup.run(label, label, cache=config), reference)
-            finally:
-                ABCacheHook._joint = True
+        for label, config in rows():
+            run = scorer.score(setup.run(label, label, cache=config), reference)
             print(f"| {label} | {run.nfe:g} | {run.scores['psnr']:.2f} |", flush=True)
 
 

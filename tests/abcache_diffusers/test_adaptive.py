@@ -1,4 +1,4 @@
-"""Adaptive mode under CFG: one decision per step for cond and uncond, equal to one engine over both contexts."""
+"""Adaptive mode under CFG: one decision per step for cond and uncond, equal to one `ABCache` over both contexts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from abcache_diffusers import (
     linear_steps,
     remove_ab_cache,
 )
-from abcache_torch import CacheEngine
+from abcache_torch import ABCache
 
 STEPS = 20
 # measured on the tiny Wan below: deciding per context, cond and uncond compute different steps at this tolerance
@@ -29,7 +29,7 @@ def _wan(tiny):
     return pipe, kwargs, latents
 
 
-def _computed_steps(pipe, kwargs, latents, joint: bool) -> tuple[dict[str, list[float]], torch.Tensor]:
+def _computed_steps(pipe, kwargs, latents) -> tuple[dict[str, list[float]], torch.Tensor]:
     """The timesteps at which each context ran the transformer, and the output."""
     log: list[tuple[str, float]] = []
     module = pipe.transformer
@@ -37,13 +37,12 @@ def _computed_steps(pipe, kwargs, latents, joint: bool) -> tuple[dict[str, list[
 
     @functools.wraps(original)
     def forward(*args, **kw):
-        log.append((hook.contexts.name, float(kw["timestep"].reshape(-1)[0])))
+        log.append((hook.state_manager.name, float(kw["timestep"].reshape(-1)[0])))
         return original(*args, **kw)
 
     module.forward = forward
     enable_ab_cache(pipe, CONFIG)
     hook = get_ab_cache_hook(module)
-    hook._joint = joint
     out = pipe(**kwargs, latents=latents.clone(), generator=torch.Generator().manual_seed(0))[0]
     steps = {name: [t for ctx, t in log if ctx == name] for name in ("cond", "uncond")}
     stats = hook.stats.contexts
@@ -53,12 +52,21 @@ def _computed_steps(pipe, kwargs, latents, joint: bool) -> tuple[dict[str, list[
 
 def test_cfg_branches_compute_the_same_steps(tiny):
     pipe, kwargs, latents = _wan(tiny)
-    steps, _ = _computed_steps(pipe, kwargs, latents, joint=True)
+    steps, _ = _computed_steps(pipe, kwargs, latents)
     assert steps["cond"] == steps["uncond"]
     assert 2 < len(steps["cond"]) < STEPS  # some steps predicted, not all
-    # deciding per context (the private switch) gives the branches different steps here: the test can tell
-    per_context, _ = _computed_steps(*_wan(tiny), joint=False)
-    assert per_context["cond"] != per_context["uncond"]
+    # deciding per context (one ABCache per branch) gives the branches different steps here: the test can tell
+    pipe, kwargs, latents = _wan(tiny)
+    pipe.scheduler.set_timesteps(STEPS)
+    sigmas = pipe.scheduler.sigmas[:STEPS].double().numpy()
+    alone = {name: _steps_on(sigmas, CONFIG, None) for name in ("cond", "uncond")}
+    _wan_loop(pipe, kwargs, latents, lambda i, name, compute: alone[name](compute, float(sigmas[i])))
+    assert alone["cond"].stats.computed != alone["uncond"].stats.computed
+
+
+def _steps_on(times, config: ABCacheConfig, steps) -> ABCache:
+    """`ABCache` over a step closure: ``cache(compute, time)`` runs ``compute()`` at the compute steps."""
+    return ABCache(lambda compute, time: compute(), config.to_ab_config(), times=times, steps=steps, time_arg=1)
 
 
 def _wan_loop(pipe, kwargs, latents, step):
@@ -93,10 +101,15 @@ def test_adaptive_hook_equals_one_engine_over_both_contexts(correct, tiny):
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = pipe.scheduler.sigmas[:STEPS].double().numpy()
     steps = None if correct is False else linear_steps(pipe.scheduler)
-    engine = CacheEngine(config.to_ab_config(), times=sigmas, steps=steps)
-    manual = _wan_loop(pipe, kwargs, latents, lambda i, name, compute: engine.step(float(sigmas[i]), compute, name))
+    cache = _steps_on(sigmas, config, steps)
+
+    def step(i, name, compute):
+        with cache.context(name):
+            return cache(compute, float(sigmas[i]))
+
+    manual = _wan_loop(pipe, kwargs, latents, step)
     assert torch.equal(hooked, manual)
-    assert computed == {name: engine.stats.contexts[name].computed for name in ("cond", "uncond")}
+    assert computed == {name: cache.stats.contexts[name].computed for name in ("cond", "uncond")}
     assert computed["cond"] == computed["uncond"] < STEPS
 
 

@@ -62,10 +62,20 @@ def test_config_errors_that_need_the_pipeline(tiny):
         enable_ab_cache(flux, ABCacheConfig(abscissa="lambda"))
     assert get_ab_cache_hook(flux.transformer) is None
     enable_ab_cache(flux)
+    enable_ab_cache(flux)  # the same config again: the hook follows this pipeline's scheduler (from_pipe siblings)
     with pytest.raises(ValueError, match="already applied"):
-        enable_ab_cache(flux)
-    with pytest.raises(ValueError, match="scheduler"):  # cool-down needs the grid
-        apply_ab_cache(torch.nn.Linear(2, 2), ABCacheConfig(cooldown=1, timestep_arg="input"))
+        enable_ab_cache(flux, ABCacheConfig(interval=3))
+
+
+def test_apply_with_its_defaults_and_no_scheduler_caches_and_says_the_cooldown_is_off(tiny):
+    """Issue 17 item 5: `apply_ab_cache(model)` with the documented defaults raised at every call (cool-down 4)."""
+    pipe, kwargs = tiny.BUILDERS["sd3"]()
+    calls = tiny.count_forward(pipe.transformer)
+    hook = apply_ab_cache(pipe.transformer)
+    with pytest.warns(UserWarning, match="cooldown=4 needs the number of steps"):
+        out = tiny.run(pipe, kwargs)
+    assert torch.isfinite(out).all()
+    assert calls[0] == ABConfig(cooldown=0).num_computed(tiny.STEPS) == hook.stats.computed
 
 
 def test_exp_weighting_follows_prediction_type(tiny):
@@ -213,9 +223,10 @@ def test_reset_entry_point_for_models_without_cache_mixin(tiny):
     assert not hasattr(pipe.unet, "_reset_stateful_cache")
     enable_ab_cache(pipe)
     assert hasattr(pipe.unet, "_reset_stateful_cache")  # pipelines call it at the end of __call__
+    hook = get_ab_cache_hook(pipe.unet)
     tiny.run(pipe, kwargs)
+    hook.state_manager.get_state()  # the "default" context's state, as at a call
     pipe.unet._reset_stateful_cache()  # what pipelines call (DDIMPipeline from diffusers 0.41 on)
-    engines = get_ab_cache_hook(pipe.unet)._engines.values()
-    assert engines and all(engine.history_length("default") == 0 for engine in engines)
+    assert hook.state_manager.branches() == [] and hook.stats.computed > 0
     remove_ab_cache(pipe.unet)
     assert not hasattr(pipe.unet, "_reset_stateful_cache")

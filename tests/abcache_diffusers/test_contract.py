@@ -2,8 +2,8 @@
 
 On the tiny random-init Flux, SD3 and Wan transformers: the enabled state, the hooks registered and all removed,
 inference that differs from the uncached model and has no NaN, equal first passes in two cache contexts, the reset
-of the stateful cache; diffusers' own `enable_cache` beside ours; and `torch.compile(fullgraph=True)` without
-recompilation over two pipeline calls.
+of the stateful cache; one cache at a time with diffusers' own `enable_cache`, in either order; and
+`torch.compile(fullgraph=True)` without recompilation over two pipeline calls.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def test_enable_disable_state_and_hooks_all_removed(name, tiny):
     assert _hooks_named(model, AB_CACHE_HOOK) == 1  # one hook, on the denoiser itself
     with pytest.raises(ValueError, match="already applied"):
         apply_ab_cache(model, ABCacheConfig(), scheduler=scheduler)
-    # diffusers' own cache state is left alone, so that enable_cache / disable_cache keep working
-    assert "_cache_config" not in vars(model) and not getattr(model, "is_cache_enabled", False)
+    # diffusers' cache bookkeeping sees it (issue 17 item 6), where the model has it (CacheMixin)
+    assert getattr(model, "is_cache_enabled", True)
     remove_ab_cache(model)
+    assert not getattr(model, "is_cache_enabled", False)
     assert get_ab_cache_hook(model) is None and _hooks_named(model, AB_CACHE_HOOK) == 0
     assert not model._diffusers_hook.hooks
     assert model.forward == forward  # the original forward is back
@@ -133,36 +134,46 @@ def test_first_pass_in_two_contexts_is_equal_and_reset_starts_afresh(name, tiny)
     with _context(model, "context_1"):
         for i, t in enumerate(scheduler.timesteps[1:4], start=1):
             _call(name, model, inputs, t, i)
-    engines = list(hook._engines.values())
-    assert sum(e.history_length("context_1") for e in engines) == 2  # order 2: the last two computed outputs
+    with _context(model, "context_1"):
+        ((state, _, _),) = hook.state_manager.get_state().runs.values()
+    assert len(state.history) == 2  # order 2: the last two computed outputs
     model._reset_stateful_cache()
-    assert all(e.history_length(c) == 0 for e in engines for c in ("context_1", "context_2"))
+    assert hook.state_manager.branches() == []
     calls[0] = 0
     with _context(model, "context_1"):
         again = _call(name, model, inputs, t0, 0)
     assert calls[0] == 1 and torch.equal(again, uncached)
 
 
-def test_diffusers_own_cache_works_beside_ab_cache(tiny):
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_one_cache_at_a_time_with_diffusers_own_in_either_order(ours_first, tiny):
+    """Issue 17 item 6: with AB-Cache on, `enable_cache(FirstBlockCacheConfig(...))` succeeded and two caches ran."""
     from diffusers.hooks import FirstBlockCacheConfig
 
     model, scheduler, _ = _model("flux", tiny)
     inputs = _inputs("flux")
-    apply_ab_cache(model, ABCacheConfig(**SETTINGS), scheduler=scheduler)
-    model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-    assert model.is_cache_enabled and get_ab_cache_hook(model) is not None
-    with _context(model, "cond"):
-        outs = [_call("flux", model, inputs, t, i) for i, t in enumerate(scheduler.timesteps)]
-    assert all(torch.isfinite(o).all() for o in outs)
-    model._reset_stateful_cache()
-    model.disable_cache()  # removes diffusers' hooks only
-    assert not model.is_cache_enabled and get_ab_cache_hook(model) is not None
-    remove_ab_cache(model)
+    if ours_first:
+        apply_ab_cache(model, ABCacheConfig(**SETTINGS), scheduler=scheduler)
+        assert model.is_cache_enabled
+        with pytest.raises(ValueError, match="already been enabled"):
+            model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        with _context(model, "cond"):
+            outs = [_call("flux", model, inputs, t, i) for i, t in enumerate(scheduler.timesteps)]
+        assert all(torch.isfinite(o).all() for o in outs)
+        remove_ab_cache(model)
+    else:
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        with pytest.raises(ValueError, match="FirstBlockCacheConfig"):
+            apply_ab_cache(model, ABCacheConfig(**SETTINGS), scheduler=scheduler)
+        assert get_ab_cache_hook(model) is None
+        model.disable_cache()
+    assert not model.is_cache_enabled
     assert all(not getattr(m, "_diffusers_hook", None) or not m._diffusers_hook.hooks for m in model.modules())
-    # and after ours is gone, diffusers' cache can be enabled and disabled again
+    # and then the other cache can be enabled and disabled again
     model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
     model.disable_cache()
-    assert "_cache_config" not in vars(model) or model._cache_config is None
+    apply_ab_cache(model, ABCacheConfig(**SETTINGS), scheduler=scheduler)
+    remove_ab_cache(model)
 
 
 def test_compiled_forward_fullgraph_does_not_recompile_over_two_pipeline_calls(tiny):

@@ -1,8 +1,7 @@
-"""Parity with abcache-torch: the hooked pipeline equals a manual loop over the same denoiser with the engine."""
+"""Parity with abcache-torch: the hooked pipeline equals a manual loop over the same denoiser with `ABCache`."""
 
 from __future__ import annotations
 
-import abcache_torch
 import numpy as np
 import pytest
 import torch
@@ -10,7 +9,12 @@ from abcache_diffusers import ABCacheConfig, apply_ab_cache, enable_ab_cache, re
 from abcache_torch import ABCache
 from abcore import ABConfig, lambda_from_alphas_cumprod
 
-CacheState = getattr(abcache_torch, "CacheEngine", None) or abcache_torch.CacheState  # renamed to CacheEngine
+
+def steps_on(times: np.ndarray, settings: dict) -> ABCache:
+    """`ABCache` over a step closure: ``cache(compute, time)`` runs ``compute()`` at the compute steps."""
+    return ABCache(lambda compute, time: compute(), ABConfig(**settings), times=times, time_arg=1)
+
+
 # without the correction: the manual loops below do not pass the step coefficients
 CONFIGS = [
     dict(order=2, interval=3, warmup=2, correct=False),
@@ -77,12 +81,12 @@ def test_sd3_pipeline_matches_cache_state_on_sigma_in_a_manual_loop(settings, ti
     hooked = tiny.run(pipe, kwargs, latents=latents.clone())
     remove_ab_cache(pipe.transformer)
     sigmas = pipe.scheduler.sigmas[: tiny.STEPS].double().numpy()  # flow matching: velocity on sigma
-    state = CacheState(ABConfig(**settings), times=sigmas)
-    manual = _sd3_manual(pipe, kwargs, latents, step=lambda i, compute: state.step(float(sigmas[i]), compute))
+    state = steps_on(sigmas, settings)
+    manual = _sd3_manual(pipe, kwargs, latents, step=lambda i, compute: state(compute, float(sigmas[i])))
     assert torch.equal(hooked, manual)
     # predicting on the step index instead gives another result: the spacing matters
-    by_index = CacheState(ABConfig(**settings), times=np.arange(float(tiny.STEPS)))
-    other = _sd3_manual(pipe, kwargs, latents, step=lambda i, compute: by_index.step(float(i), compute))
+    by_index = steps_on(np.arange(float(tiny.STEPS)), settings)
+    other = _sd3_manual(pipe, kwargs, latents, step=lambda i, compute: by_index(compute, float(i)))
     assert not torch.allclose(other, manual, rtol=0, atol=1e-6)
 
 

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 from abcache_examples.metrics import (
+    REFERENCE_DATA,
+    FeatureStats,
     accuracy,
     classifier_accuracy,
     classifier_features,
+    classifier_for,
+    classifier_logits,
+    compute_reference_stats,
+    feature_stats,
     frechet_distance,
+    frechet_distance_of_stats,
+    load_reference_stats,
     psnr,
+    save_reference_stats,
     ssim,
 )
 
@@ -125,3 +134,115 @@ def test_classifier_on_held_out_digits() -> None:
     noise = classifier_features(np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32))
     half = len(real) // 2
     assert frechet_distance(real[:half], real[half:]) * 5 < frechet_distance(real, noise)
+
+
+def test_frechet_distance_needs_two_rows() -> None:
+    # the covariance of one feature vector is undefined: `abcache demo --batch 1` crashed here (issue 17)
+    with pytest.raises(ValueError, match="feats_a needs at least 2 rows"):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="feats needs at least 2 rows"):
+        feature_stats(np.zeros((1, 3)))
+
+
+def test_frechet_distance_of_stats_equals_that_of_the_features() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((300, 5)), rng.standard_normal((200, 5)) @ rng.standard_normal((5, 5)) + 0.5
+    stats = feature_stats(a)
+    np.testing.assert_allclose(stats.mean, a.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.cov, np.cov(a.T), rtol=1e-12)
+    assert stats.n == 300
+    assert frechet_distance_of_stats(stats, feature_stats(b)) == frechet_distance(a, b)
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance_of_stats(stats, feature_stats(b[:, :4]))
+
+
+def _frechet_scipy(a: FeatureStats, b: FeatureStats) -> float:
+    """The FID formula as pytorch-fid computes it: ``scipy.linalg.sqrtm`` of the product ``S_a S_b``."""
+    from scipy import linalg
+
+    root = linalg.sqrtm(a.cov @ b.cov)
+    diff = a.mean - b.mean
+    return float(diff @ diff + np.trace(a.cov) + np.trace(b.cov) - 2.0 * np.trace(root.real))
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU features: scipy warns, and is still exact
+@pytest.mark.parametrize("classifier", sorted(REFERENCE_DATA))
+def test_frechet_distance_to_shipped_reference_matches_scipy(classifier: str) -> None:
+    # the shipped statistics are real 64- / 128-dimensional ReLU features (some rarely active): compare our
+    # eigen-decomposition route with scipy's sqrtm on them and on Gaussians drawn around them
+    reference = load_reference_stats(classifier)
+    rng = np.random.default_rng(6)
+    d = reference.mean.shape[0]
+    mix = np.eye(d) + 0.1 * rng.standard_normal((d, d))
+    samples = rng.multivariate_normal(reference.mean + 0.2, mix @ reference.cov @ mix.T, size=4000)
+    stats = feature_stats(samples)
+    ours = frechet_distance_of_stats(stats, reference)
+    assert ours > 1.0
+    assert ours == pytest.approx(_frechet_scipy(stats, reference), rel=1e-6)
+    assert abs(frechet_distance_of_stats(reference, reference)) < 1e-6 * np.trace(reference.cov)
+
+
+@pytest.mark.parametrize("classifier", sorted(REFERENCE_DATA))
+def test_shipped_reference_stats_equal_recomputed(classifier: str, request: pytest.FixtureRequest) -> None:
+    data, split = REFERENCE_DATA[classifier]
+    if data == "fashion":
+        request.getfixturevalue("fashion_test")  # skips where Fashion-MNIST is not installed
+    shipped, recomputed = load_reference_stats(classifier), compute_reference_stats(classifier)
+    assert shipped.n == recomputed.n == {"all": 1797, "test": 10_000}[split]
+    scale = np.abs(recomputed.cov).max()
+    np.testing.assert_allclose(shipped.mean, recomputed.mean, rtol=1e-6, atol=1e-9 * scale)
+    np.testing.assert_allclose(shipped.cov, recomputed.cov, rtol=1e-6, atol=1e-9 * scale)
+
+
+def test_reference_stats_round_trip_and_reject_unknown_classifiers(tmp_path) -> None:
+    stats = feature_stats(np.random.default_rng(7).standard_normal((50, 3)))
+    path = save_reference_stats(stats, "fashion_classifier", tmp_path)
+    assert path.name == "fashion_classifier_reference.safetensors"
+    loaded = load_reference_stats("fashion_classifier", tmp_path)
+    np.testing.assert_array_equal(loaded.mean, stats.mean)
+    np.testing.assert_array_equal(loaded.cov, stats.cov)
+    assert loaded.n == 50
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        load_reference_stats("fashion")
+
+
+def test_each_model_is_scored_by_the_classifier_of_its_data() -> None:
+    from abcache_examples.models import FASHION_MODELS, FLOW_MODELS, UNET_MODELS, load_classifier
+
+    assert {m: classifier_for(m) for m in (*FLOW_MODELS, *UNET_MODELS)} == {
+        "fashion": "fashion_classifier",
+        "flow": "classifier",
+        "flow_ema": "classifier",
+        "eps": "classifier",
+        "v": "classifier",
+    }
+    assert FASHION_MODELS == ("fashion", "fashion_classifier")
+    with pytest.raises(ValueError, match="model must be one of"):
+        classifier_for("classifier")
+    # the fashion classifier reads 28x28 images and has 128 features: the reference statistics match it
+    clf = load_classifier(name="fashion_classifier")
+    feats = classifier_features(np.zeros((2, 1, 28, 28), np.float32), clf)
+    assert feats.shape == (2, 128) == (2, load_reference_stats("fashion_classifier").mean.shape[0])
+
+
+def test_fashion_classifier_on_the_test_split(fashion_test) -> None:
+    from abcache_examples.models import load_classifier
+
+    x, y = fashion_test
+    clf = load_classifier(name="fashion_classifier")
+    real = classifier_features(x, clf)  # one pass over the 10,000 images: the logits are the head of the features
+    logits = clf.head(torch.from_numpy(real).float())
+    torch.testing.assert_close(logits[:100], classifier_logits(x[:100], clf), rtol=1e-4, atol=1e-4)
+    assert accuracy(logits, y) >= 0.85
+    assert accuracy(logits, (y + 1) % 10) < 0.1
+    # features separate real clothes from noise far more than two halves of the test split
+    noise = classifier_features(np.random.default_rng(0).uniform(-1, 1, (1000, 1, 28, 28)).astype(np.float32), clf)
+    half = len(real) // 2
+    assert frechet_distance(real[:half], real[half:]) * 5 < frechet_distance(real, noise)
+    # a Scorer for `fashion` measures that distance against the shipped test-split statistics
+    from abcache_examples.compare import Run, Scorer
+
+    run = Run("real", "fashion", 0.0, 0.0, x[:1000])
+    fd_real = Scorer("fashion").score(run, run, y[:1000]).scores
+    assert fd_real["accuracy"] >= 0.85
+    assert fd_real["fd"] * 5 < frechet_distance(real, noise)

@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from abcache_examples.metrics import classifier_accuracy
+from abcache_examples.metrics import classifier_accuracy, classifier_for
 from abcache_examples.models import (
+    FASHION_CLASSIFIER_CONFIG,
+    FASHION_CONFIG,
     FLOW_CONFIG,
     FLOW_MODELS,
     MODEL_NAMES,
@@ -31,8 +33,20 @@ def flow_pipe() -> Any:  # Any: the pipeline's return type is a union over outpu
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_shipped_weights_are_small_and_have_configs(name: str) -> None:
     folder = weights_dir()
-    assert (folder / f"{name}.safetensors").stat().st_size < 5 * 2**20
+    megabytes = 10 if name == "fashion" else 5  # the Fashion-MNIST DiT has 2.1M parameters (8.5 MB)
+    assert (folder / f"{name}.safetensors").stat().st_size < megabytes * 2**20
     assert isinstance(json.loads((folder / f"{name}.json").read_text()), dict)
+
+
+def test_shipped_fashion_models_have_their_configs() -> None:
+    folder = weights_dir()
+    assert json.loads((folder / "fashion.json").read_text()) == FASHION_CONFIG
+    assert json.loads((folder / "fashion_classifier.json").read_text()) == FASHION_CLASSIFIER_CONFIG
+    clf = load_classifier(name="fashion_classifier")
+    assert not clf.training and all(torch.isfinite(p).all() for p in clf.parameters())
+    assert clf(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="name must be one of"):
+        load_classifier(name="fashion")
 
 
 def test_shipped_models_load_in_eval_mode() -> None:
@@ -56,10 +70,12 @@ def test_flow_pipeline_generates_requested_classes(name: str) -> None:
     labels = torch.arange(20) % 10
     gen = torch.Generator().manual_seed(0)
     images = flow_pipe(labels, num_inference_steps=50, guidance_scale=3.0, generator=gen, output_type="latent").images
-    assert images.shape == (20, 1, 16, 16)
-    assert classifier_accuracy(images, labels) >= 0.7
+    size = {"fashion": 28}.get(name, 16)
+    assert images.shape == (20, 1, size, size)
+    classifier = load_classifier(name=classifier_for(name))  # Fashion-MNIST's classifier for `fashion`
+    assert classifier_accuracy(images, labels, classifier) >= 0.7
     # the labels matter: the same samples are mostly wrong for shifted labels
-    assert classifier_accuracy(images, (labels + 1) % 10) < 0.3
+    assert classifier_accuracy(images, (labels + 1) % 10, classifier) < 0.3
 
 
 def test_flow_pipeline_cfg_modes_and_output_types_agree(flow_pipe: Any) -> None:

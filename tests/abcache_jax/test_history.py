@@ -11,6 +11,13 @@ from jax import lax
 CONFIG = abcore.ABConfig(order=3, interval=3, warmup=3, cooldown=0)
 
 
+def _complete(history, i, computed, t, output=None, config=CONFIG):
+    """The history after step i at time t: `push` stores a computed output, `abcore.complete` advances the rule."""
+    sched = abcore.schedule(config, num_steps=10)
+    outputs = push(history.outputs, output) if computed else history.outputs
+    return History(outputs, abcore.complete(sched, history.rule, i, computed, t, xp=jnp))
+
+
 def _output_like():
     return {"v": jnp.zeros((2, 3), jnp.float32), "aux": (jnp.zeros((5,), jnp.bfloat16),)}
 
@@ -26,7 +33,7 @@ def _output(value):
 def _filled(config=CONFIG):
     history = init_history(_output_like(), config)
     for i in range(config.order):
-        history = push(history, _output(i + 1), 0.5 - 0.1 * i)
+        history = _complete(history, i, True, 0.5 - 0.1 * i, _output(i + 1), config)
     return history
 
 
@@ -41,13 +48,14 @@ def test_init_history_shapes_and_dtypes():
 
 
 def test_push_is_newest_first_and_drops_the_oldest():
-    history = push(_filled(), _output(9), 0.1)
+    history = _complete(_filled(), 3, True, 0.1, _output(9))
     np.testing.assert_array_equal(history.outputs["v"][:, 0, 0], [9.0, 3.0, 2.0])
     np.testing.assert_allclose(history.rule.nodes, [0.1, 0.3, 0.4], rtol=1e-6)
     assert bool(history.rule.valid.all())
-    predicted = history._replace(rule=abcore.after_predicted(history.rule, 0.05, 1.0, -0.05, xp=jnp))
+    predicted = _complete(history, 4, False, 0.05)
     assert int(predicted.rule.consecutive) == 1 and bool(predicted.rule.pending_valid[0])
-    again = push(predicted, _output(10), 0.0)
+    np.testing.assert_array_equal(predicted.outputs["v"], history.outputs["v"])  # a prediction stores nothing
+    again = _complete(predicted, 5, True, 0.0, _output(10))
     assert int(again.rule.consecutive) == 0 and not bool(again.rule.pending_valid.any())
 
 
@@ -66,20 +74,23 @@ def test_history_is_stable_under_jit_cond_and_scan():
     ref = _signature(history)
 
     def predicted(h, t=0.2):
-        return h._replace(rule=abcore.after_predicted(h.rule, t, 1.0, 0.1, xp=jnp))
+        return _complete(h, 2, False, t, config=config)
 
-    assert _signature(jax.jit(push)(history, out, 0.2)) == ref
+    def computed(h, t=0.2):
+        return _complete(h, 2, True, t, out, config)
+
+    assert _signature(jax.jit(computed)(history)) == ref
     assert _signature(jax.jit(predicted)(history)) == ref
 
     @jax.jit
     def either(flag, history):
-        return lax.cond(flag, lambda h: push(h, out, 0.2), predicted, history)
+        return lax.cond(flag, computed, predicted, history)
 
     for flag in (True, False):
         assert _signature(either(flag, history)) == ref
 
     def body(h, t):
-        return lax.cond(t > 0.5, lambda h: push(h, out, t), lambda h: predicted(h, t), h), None
+        return lax.cond(t > 0.5, lambda h: computed(h, t), lambda h: predicted(h, t), h), None
 
     final, _ = jax.jit(lambda h: lax.scan(body, h, jnp.linspace(0.0, 1.0, 6)))(history)
     assert _signature(final) == ref

@@ -141,3 +141,26 @@ def test_table_refuses_bad_input(grid: Any, order: Any, name: str) -> None:
 def test_sample_lms_refuses_bad_input(sigmas: list[float], order: int, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         sample_lms(lambda x, s: x, torch.zeros(1, 2), torch.tensor(sigmas), order=order)
+
+
+@pytest.mark.parametrize(
+    "sigmas",
+    [[0.0, 0.25, 0.5, 1.0], [0.5, 0.0, -0.5], [-1.0, -0.5, 0.0]],
+    ids=["increasing-from-0", "through-0", "negative"],
+)
+def test_sample_lms_refuses_a_model_call_at_sigma_zero_or_below(sigmas: list[float]) -> None:
+    """Issue 17 item 9: increasing sigmas from 0 returned NaN (d = (x - D) / sigma at sigma = 0); now an error
+    naming `sigmas`, before any model call. Only the last sigma, where the model is never called, may be 0."""
+    calls = []
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        calls.append(sigma)
+        return 0.5 * x
+
+    with pytest.raises(ValueError, match=r"sigmas: .* every sigma but the last must be > 0"):
+        sample_lms(model, torch.ones(1, 2), torch.tensor(sigmas))
+    assert calls == []
+    out = sample_lms(model, torch.ones(1, 2), torch.tensor([1.0, 0.5, 0.0]), order=2)  # ends at 0: fine
+    assert len(calls) == 2 and bool(torch.isfinite(out).all())
+    increasing = sample_lms(model, torch.ones(1, 2), torch.tensor([0.25, 0.5, 1.0]), order=2)  # > 0: fine
+    assert bool(torch.isfinite(increasing).all())

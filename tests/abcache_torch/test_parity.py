@@ -10,7 +10,7 @@ import abcore
 import numpy as np
 import pytest
 import torch
-from abcache_torch import ABCache, CacheEngine, flow_euler_step, sample
+from abcache_torch import ABCache, ContextState, flow_euler_step, predict_jointly, sample
 from abcore.testing import config_sweep, make_grid, parity_model
 
 N = 12
@@ -84,30 +84,26 @@ def rough(x, t, xp):
 def joint_reference(config: abcore.ABConfig, scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Two contexts on abcore's rule in numpy, one decision per step: predict only when both pass."""
     models = {"cond": smooth, "uncond": rough}
-    states = {k: abcore.init_state(config, config.max_run) for k in models}
+    sched = abcore.schedule(config, GRID[:-1])
+    states = {k: abcore.begin(sched) for k in models}
     history: dict[str, list[np.ndarray]] = {k: [] for k in models}
-    forced = config.forced_mask(N)
     x, computed = X0.copy(), np.zeros(N, dtype=bool)
     for i in range(N):
-        node = abcore.node_of(config, float(i), GRID[i])
-        decisions = {k: abcore.decide(config, states[k], node, forced[i]) for k in models}
+        decisions = {k: abcore.decide(sched, states[k], i) for k in models}
         out = None
         if not any(bool(d.compute) for d in decisions.values()):
             preds = {k: sum(w * h for w, h in zip(d.weights, history[k])) for k, d in decisions.items()}
             deltas = {k: sum(e * h for e, h in zip(d.error_weights, history[k])) for k, d in decisions.items()}
             delta_sq = np.array([np.sum(deltas[k] ** 2) for k in models])
             pred_sq = np.array([np.sum(preds[k] ** 2) for k in models])
-            if abcore.accept_prediction(delta_sq, pred_sq, config.tolerance):
+            if abcore.joint(delta_sq, pred_sq, config.tolerance):
                 out = preds
         if out is None:
             out = {k: m(x, GRID[i], np) for k, m in models.items()}
             for k in models:
                 history[k] = [out[k], *history[k]][: config.order]
-                states[k] = abcore.after_computed(states[k], node)
             computed[i] = True
-        else:
-            for k in models:
-                states[k] = abcore.after_predicted(states[k], node, 1.0, 1.0)
+        states = {k: abcore.complete(sched, states[k], i, computed[i]) for k in models}
         v = out["uncond"] + scale * (out["cond"] - out["uncond"])
         x = x + (GRID[i + 1] - GRID[i]) * v
     return computed, x
@@ -149,16 +145,50 @@ def test_two_contexts_decide_jointly(announce):
 
 
 def test_joint_decision_when_the_second_context_has_its_own_time_without_grid():
-    """No grid: a context whose time differs from the leader's decides again rather than reuse a decision."""
+    """No grid: a context whose time differs from the leader's decides again rather than reuse a decision
+    taken at the leader's time (which would extrapolate its outputs to the wrong time)."""
     config = abcore.ABConfig(order=2, interval=5, warmup=2, cooldown=0, tolerance=0.3)
-    engine, solo = CacheEngine(config), CacheEngine(config)
+
+    def model(x, t, branch):
+        return (rough if branch == "a" else smooth)(x, torch.tensor(t, dtype=torch.float64), torch)
+
+    cache, solo = ABCache(model, config), ABCache(model, config)
     x = torch.tensor(X0)
     for i in range(N):
         t = float(GRID[i])
-        engine.step(t, lambda t=t: rough(x, torch.tensor(t), torch), "a")
-        b = engine.step(t + 1e-3, lambda t=t: smooth(x, t + 1e-3, torch), "b")
-        torch.testing.assert_close(b, solo.step(t + 1e-3, lambda t=t: smooth(x, t + 1e-3, torch)), rtol=0, atol=0)
-    assert engine.stats.contexts["b"].predicted == solo.stats.predicted > engine.stats.contexts["a"].predicted
+        with cache.context("a"):
+            cache(x, t, "a")
+        with cache.context("b"):
+            b = cache(x, t + 1e-3, "b")
+        torch.testing.assert_close(b, solo(x, t + 1e-3, "b"), rtol=0, atol=0)
+    assert cache.stats.contexts["b"].predicted == solo.stats.predicted > cache.stats.contexts["a"].predicted
+
+
+def test_joint_decision_is_taken_by_the_first_context_at_a_step_for_all():
+    """With the ContextStates themselves: `predict_jointly` over both decides once, the second reuses it."""
+    sched = abcore.schedule(ADAPTIVE, GRID[:-1])
+    states = {"cond": ContextState(sched), "uncond": ContextState(sched)}
+    x, computed = torch.tensor(X0), []
+    for i in range(N):
+        ready = [s for s in states.values() if len(s.history)]
+        if ready:
+            predict_jointly(ready, i, {})
+        outs, before = {}, states["cond"].stats.computed
+        for branch, state in states.items():
+            leaves = state.predict(i)
+            if leaves is None:
+                outs[branch] = state.record(i, (smooth if branch == "cond" else rough)(x, torch.tensor(GRID[i]), torch))
+            else:
+                outs[branch] = state.skip(i, leaves)
+        computed.append(states["cond"].stats.computed > before)
+        x = x + (GRID[i + 1] - GRID[i]) * (outs["uncond"] + 2.0 * (outs["cond"] - outs["uncond"]))
+    ref_computed, ref_x = joint_reference(ADAPTIVE)
+    np.testing.assert_array_equal(computed, ref_computed)
+    cond, uncond = states["cond"].stats, states["uncond"].stats
+    assert (cond.computed, cond.predicted) == (uncond.computed, uncond.predicted)
+    assert 0 < cond.computed == int(ref_computed.sum()) < N
+    assert 0 < cond.max_error <= ADAPTIVE.tolerance and 0 < uncond.max_error <= ADAPTIVE.tolerance
+    np.testing.assert_allclose(x.numpy(), ref_x, rtol=0, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- the correction
@@ -208,38 +238,52 @@ def test_correction_is_exact_for_polynomials_of_degree_order(order, path):
     assert float((xu - plain).abs().max()) > 1e-6
 
 
-def test_history_keeps_the_raw_output_and_store_returns_the_corrected_one():
+def test_history_keeps_the_raw_output_and_record_returns_the_corrected_one():
     config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0, correct=True)
     steps = abcore.LinearSteps.euler(GRID)
-    engine = CacheEngine(config, GRID[:-1], steps=steps)
+    state = ContextState(abcore.schedule(config, GRID[:-1], steps))
     model = polynomial(3)
     x = torch.zeros(2)
     for i in range(3):  # computes 0, 1; predicts 2
-        predicted, _ = engine.predict(None)
-        if not predicted:
-            engine.store(model(x, GRID[i]))
-    assert engine.predict(None) == (False, None)  # step 3 computes
+        leaves = state.predict(i)
+        if leaves is None:
+            assert torch.equal(state.record(i, model(x, GRID[i])), model(x, GRID[i]))  # nothing to correct yet
+        else:
+            state.skip(i, leaves)
+    assert (state.stats.computed, state.stats.predicted) == (2, 1)
+    assert state.predict(3) is None  # step 3 computes
     raw = model(x, GRID[3])
-    corrected = engine.store(raw)
+    h0, h1 = (entry[0] for entry in state.history.entries)  # H before step 3: f_1, f_0
+    corrected = state.record(3, raw)
     assert not torch.equal(corrected, raw)
-    assert engine._contexts["default"].history.entries[0][0] is raw
+    assert state.history.entries[0][0] is raw
+    c = abcore.make_plan(config, GRID[:-1], steps).corrections[3]  # f_3 + c_0 f_3 + c_1 H_0 + c_2 H_1
+    assert np.any(c != 0.0)
+    expected = (1.0 + c[0]) * raw + c[1] * h0 + c[2] * h1
+    torch.testing.assert_close(corrected, expected, rtol=1e-14, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- no silent wrong answer
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        (abcore.ABConfig(cooldown=2), "cooldown=2 needs the number of steps: pass num_steps= or times=.*cooldown=0"),
+        (abcore.ABConfig(cooldown=2), "cooldown=2 needs the number of steps: give the times, the steps or num_steps"),
         (abcore.ABConfig(compute_mask=(True, False, True), cooldown=0), "compute_mask needs the number of steps"),
     ],
 )
 def test_cooldown_or_mask_without_a_grid_is_refused(config, match):
     with pytest.raises(ValueError, match=match):
         ABCache(lambda x, t: x, config)
-    engine = CacheEngine(config)  # the engine may be told the grid later (set_grid) ...
-    with pytest.raises(ValueError, match=match):  # ... but not stepped without it
-        engine.step(1.0, lambda: torch.ones(1))
-    ABCache(lambda x, t: x, config, num_steps=3)  # with the number of steps: fine
+    with pytest.raises(ValueError, match=match):  # no ContextState without a schedule that fits the config
+        abcore.schedule(config)
+    cache = ABCache(lambda x, t: x, abcore.ABConfig(cooldown=0))  # a cache may be told the grid later ...
+    with pytest.raises(ValueError, match=match):  # ... but not switched to the config without it
+        cache.set_grid(config=config)
+    assert cache.config == abcore.ABConfig(cooldown=0)  # the refused set_grid changed nothing
+    cache.set_grid(num_steps=3, config=config)  # with the number of steps: fine
+    assert cache.config == config and cache.schedule.num_steps == 3
+    cache(torch.ones(1), 1.0)
+    ABCache(lambda x, t: x, config, num_steps=3)
 
 
 def test_correct_true_without_steps_is_refused():

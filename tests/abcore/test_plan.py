@@ -82,7 +82,7 @@ def test_predictions_use_the_last_computed_outputs_at_their_real_times(
         else:
             assert plan.compute[sources].all()
             m = sources.size  # fewer than `order` early on: the order is capped at m
-            expected = abcore.extrapolation_weights(times[sources], times[i])
+            expected = abcore.theory.extrapolation_weights(times[sources], times[i])
             np.testing.assert_allclose(plan.weights[i, :m], expected, rtol=1e-12, atol=1e-12)
             assert np.all(plan.weights[i, m:] == 0.0)
 
@@ -93,15 +93,15 @@ def test_make_plan_is_the_fold_of_the_rule(config: abcore.ABConfig, n: int) -> N
     assume(n >= max(config.warmup, config.cooldown))
     times = shifted_times(n)
     plan = abcore.make_plan(config, times)
-    state = abcore.init_state(config, config.max_run)
-    for i, t in enumerate(times):
-        decision = abcore.decide(config, state, t, config.forced_compute(i, n))
+    sched = abcore.schedule(config, times)
+    state = abcore.begin(sched)
+    for i in range(n):
+        decision = abcore.decide(sched, state, i)
         assert decision.compute == plan.compute[i]
-        if decision.compute:
-            state = abcore.after_computed(state, t)
-        else:
+        assert decision.compute == (config.forced_compute(i, n) or i == 0)  # fixed mode: the schedule decides
+        if not decision.compute:
             np.testing.assert_array_equal(decision.weights, plan.weights[i])
-            state = abcore.after_predicted(state, t, 1.0, 1.0)
+        state = abcore.complete(sched, state, i, bool(decision.compute))
     assert not plan.corrections.any()  # no steps given: no correction
 
 
@@ -141,8 +141,8 @@ def test_early_prediction_from_fewer_outputs_caps_the_order() -> None:
     plan = abcore.make_plan(config, times)
     np.testing.assert_array_equal(plan.compute, config.compute_mask)
     np.testing.assert_array_equal(plan.weights[1], [1.0, 0.0, 0.0])  # one output: plain reuse
-    np.testing.assert_allclose(plan.weights[3, :2], abcore.extrapolation_weights([0.6, 1.0], 0.4))
-    np.testing.assert_allclose(plan.weights[5], abcore.extrapolation_weights([0.2, 0.6, 1.0], 0.1))
+    np.testing.assert_allclose(plan.weights[3, :2], abcore.theory.extrapolation_weights([0.6, 1.0], 0.4))
+    np.testing.assert_allclose(plan.weights[5], abcore.theory.extrapolation_weights([0.2, 0.6, 1.0], 0.1))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
@@ -154,7 +154,7 @@ def test_exp_eps_weighting_on_equal_lambda_grid_is_eq_3_6(k: int, h: float) -> N
     assert not plan.compute[k]
     expected = [comb(k, i) * (-1) ** (i + 1) * np.exp(i * h) for i in range(1, k + 1)]
     np.testing.assert_allclose(plan.weights[k], expected, rtol=1e-12)
-    w, _ = abcore.history_weights(lambdas[k - 1 :: -1][:k], np.ones(k, bool), lambdas[k], k, "exp-x0")
+    w, _ = abcore.theory.history_weights(lambdas[k - 1 :: -1][:k], np.ones(k, bool), lambdas[k], k, "exp-x0")
     np.testing.assert_allclose(w, [b * np.exp(-i * h) for i, b in enumerate(theory.binomial_weights(k), 1)])
 
 
@@ -166,13 +166,13 @@ def test_history_weights_embedded_error_pair(order: int, filled: int, data: st.D
     target = -data.draw(st.floats(0.1, 2.0))  # newest first, so extrapolate below times[0]
     times = times - times[0]
     valid = np.arange(order) < m
-    w, e = abcore.history_weights(times, valid, target, order)
-    np.testing.assert_allclose(w[:m], abcore.extrapolation_weights(times[:m], target), rtol=1e-9, atol=1e-12)
+    w, e = abcore.theory.history_weights(times, valid, target, order)
+    np.testing.assert_allclose(w[:m], abcore.theory.extrapolation_weights(times[:m], target), rtol=1e-9, atol=1e-12)
     assert np.all(w[m:] == 0) and np.all(e[m:] == 0)
     if m < 2:
         assert np.all(e == 0)
         return
-    lower = abcore.extrapolation_weights(times[: m - 1], target)
+    lower = abcore.theory.extrapolation_weights(times[: m - 1], target)
     np.testing.assert_allclose(e[:m], w[:m] - np.append(lower, 0.0), rtol=1e-9, atol=1e-9)
     # e annihilates polynomials of degree < m - 1 (both predictions are exact there).
     for degree in range(m - 1):
@@ -204,8 +204,10 @@ def test_index_abscissa_uses_step_indices_and_time_uses_real_times(order):
     np.testing.assert_array_equal(by_index.compute, by_time.compute)
     for i in np.flatnonzero(~by_time.compute):
         src = by_time.sources[i][by_time.sources[i] >= 0]
-        np.testing.assert_allclose(by_index.weights[i], abcore.extrapolation_weights(src.astype(float), float(i)))
-        np.testing.assert_allclose(by_time.weights[i], abcore.extrapolation_weights(times[src], times[i]))
+        np.testing.assert_allclose(
+            by_index.weights[i], abcore.theory.extrapolation_weights(src.astype(float), float(i))
+        )
+        np.testing.assert_allclose(by_time.weights[i], abcore.theory.extrapolation_weights(times[src], times[i]))
     # on a non-uniform grid the two differ
     assert not np.allclose(by_index.weights, by_time.weights)
 

@@ -91,15 +91,16 @@ def test_adaptive_decisions_follow_accept_prediction(tolerance: float) -> None:
     config = abcore.ABConfig(order=3, interval=8, warmup=3, tolerance=tolerance)
     times = _convergence.make_grid("shifted", 60)
     traj = run(config, times)[0]
-    state, history, x, accepted, rejected = abcore.init_state(config, config.max_run), [], ODE.exact(times[0]), 0, 0
+    sched = abcore.schedule(config, times[:-1])
+    state, history, x, accepted, rejected = abcore.begin(sched), [], ODE.exact(times[0]), 0, 0
     for i in range(60):
-        decision = abcore.decide(config, state, times[i], config.forced_compute(i, 60))
+        decision = abcore.decide(sched, state, i)
         compute = bool(decision.compute)
         if not compute:
             pred = sum(w * h for w, h in zip(decision.weights, history, strict=False))
             delta = sum(e * h for e, h in zip(decision.error_weights, history, strict=False))
             error = np.linalg.norm(delta) / np.linalg.norm(pred)
-            compute = not abcore.accept_prediction(np.sum(delta**2), np.sum(pred**2), tolerance)
+            compute = not abcore.joint(np.sum(delta**2), np.sum(pred**2), tolerance)
             assert compute == (error > tolerance)
             accepted += not compute
             rejected += compute
@@ -108,9 +109,7 @@ def test_adaptive_decisions_follow_accept_prediction(tolerance: float) -> None:
         np.testing.assert_allclose(traj.outputs[i], out, rtol=1e-13, atol=1e-15)
         if compute:
             history = [out, *history][:3]
-            state = abcore.after_computed(state, times[i])
-        else:
-            state = abcore.after_predicted(state, times[i], 1.0, 1.0)
+        state = abcore.complete(sched, state, i, compute)
         x = euler(x, out, times[i], times[i + 1])
     assert accepted > 0  # the test exercises both branches
     if tolerance <= 3e-3:

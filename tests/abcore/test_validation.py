@@ -36,6 +36,8 @@ TIMES = np.linspace(1.0, 0.1, 10)
         ({"order": 1, "tolerance": 1e-3}, "order"),
         ({"max_predicted": -1}, "max_predicted"),
         ({"weighting": "exp"}, "weighting"),
+        ({"correct": 1}, "correct"),  # issue 17 item 9: accepted before, and then not treated as True
+        ({"correct": "yes"}, "correct"),
         ({"weighting": None}, "weighting"),
     ],
 )
@@ -112,14 +114,14 @@ def test_numpy_bool_mask_and_string_times() -> None:
 @pytest.mark.parametrize("nodes", [[], [1.0, 1.0], [0.0, math.nan], [[0.0, 1.0]]], ids=["empty", "dup", "nan", "2-d"])
 def test_weight_functions_reject_bad_nodes(nodes: list) -> None:
     with pytest.raises(ValueError, match="nodes"):
-        abcore.extrapolation_weights(nodes, 2.0)
+        abcore.theory.extrapolation_weights(nodes, 2.0)
     with pytest.raises(ValueError, match="nodes"):
         theory.multistep_weights(nodes, 0.0, 1.0)
 
 
 def test_weight_functions_reject_non_finite_targets() -> None:
     with pytest.raises(ValueError, match="target"):
-        abcore.extrapolation_weights([0.0, 1.0], math.nan)
+        abcore.theory.extrapolation_weights([0.0, 1.0], math.nan)
     with pytest.raises(ValueError, match="t_from"):
         theory.multistep_weights([0.0, 1.0], math.inf, 1.0)
 
@@ -158,3 +160,31 @@ def test_num_computed_rejects_bad_num_steps() -> None:
 def test_multistep_table_refuses_bad_input(grid: Any, order: Any, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         abcore.multistep_table(grid, order)
+
+
+def test_linear_steps_ddim_names_the_non_finite_input() -> None:
+    alphas = np.array([0.5, np.nan, 0.9])
+    with pytest.raises(ValueError, match="alphas must be finite"):
+        abcore.LinearSteps.ddim(alphas, np.sqrt(1 - np.array([0.5, 0.7, 0.9]) ** 2))
+    with pytest.raises(ValueError, match="sigmas must be finite"):
+        abcore.LinearSteps.ddim(np.array([0.5, 0.7, 0.9]), np.array([0.8, np.inf, 0.1]))
+
+
+def test_schedule_refuses_what_it_cannot_run_and_fit_shrinks_a_short_run() -> None:
+    config = abcore.ABConfig()  # warm-up 2, cool-down 4
+    with pytest.raises(ValueError, match="cooldown=4 is longer than the run of 2 steps"):
+        abcore.schedule(config, TIMES[:2])
+    sched = abcore.schedule(config, TIMES[:2], fit=True)  # issue 17 item 3: force=True on 1-3 steps
+    assert (sched.config.warmup, sched.config.cooldown) == (2, 2) and sched.forced.tolist() == [True, True]
+    with pytest.raises(ValueError, match="cooldown=4 needs the number of steps"):
+        abcore.schedule(config)
+    with pytest.raises(ValueError, match="disagrees"):
+        abcore.schedule(config, TIMES, num_steps=4)
+    with pytest.raises(ValueError, match="fit must be a bool"):
+        abcore.schedule(config, TIMES, fit=1)
+    with pytest.raises(TypeError, match=r"config must be an abcore\.ABConfig"):
+        abcore.schedule({"order": 2}, TIMES)
+    with pytest.raises(ValueError, match="time is required"):
+        abcore.decide(
+            abcore.schedule(abcore.ABConfig(cooldown=0)), abcore.begin(abcore.schedule(abcore.ABConfig(cooldown=0))), 0
+        )

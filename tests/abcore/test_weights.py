@@ -157,7 +157,7 @@ def test_multistep_weights_single_node_is_the_step() -> None:
 def test_extrapolation_weights_reproduce_polynomials(data: st.DataObject, nodes: np.ndarray) -> None:
     case, point = draw_case(data, nodes)
     target = point()
-    w = abcore.extrapolation_weights(nodes, target)
+    w = abcore.theory.extrapolation_weights(nodes, target)
     assert w.dtype == np.float64
     assert abs(w.sum() - 1.0) <= 1e-9 * np.abs(w).sum()
     values = case.poly(case.local(nodes))
@@ -168,15 +168,15 @@ def test_extrapolation_weights_reproduce_polynomials(data: st.DataObject, nodes:
 @pytest.mark.parametrize("k", range(1, 9))
 @pytest.mark.parametrize("target", [0.0, 7.25, -3.5])
 def test_extrapolation_weights_on_unit_steps_are_binomial(k: int, target: float) -> None:
-    w = abcore.extrapolation_weights(target - np.arange(1, k + 1), target)
+    w = abcore.theory.extrapolation_weights(target - np.arange(1, k + 1), target)
     np.testing.assert_allclose(w, theory.binomial_weights(k), rtol=1e-12, atol=1e-10)
     # The spacing does not matter, only the ratios: same weights on h-spaced decreasing nodes.
-    w_h = abcore.extrapolation_weights(target + 0.01 * np.arange(1, k + 1), target)
+    w_h = abcore.theory.extrapolation_weights(target + 0.01 * np.arange(1, k + 1), target)
     np.testing.assert_allclose(w_h, theory.binomial_weights(k), rtol=1e-9, atol=1e-8)
 
 
 def test_extrapolation_weights_at_a_node_are_its_unit_vector() -> None:
-    np.testing.assert_array_equal(abcore.extrapolation_weights([3.0, 2.0, 1.0], 2.0), [0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(abcore.theory.extrapolation_weights([3.0, 2.0, 1.0], 2.0), [0.0, 1.0, 0.0])
 
 
 @SETTINGS
@@ -188,9 +188,9 @@ def test_barycentric_weights_with_a_mask_use_only_the_valid_nodes(data: st.DataO
     target = nodes.mean() + np.ptp(nodes) * data.draw(st.floats(-2, 2))
     # Masked entries may hold anything, even a copy of a valid node (the planner's filler).
     filled = np.where(mask, nodes, nodes[np.argmax(mask)])
-    w = np.asarray(abcore.barycentric_weights(filled, mask, target))
+    w = np.asarray(abcore.theory.barycentric_weights(filled, mask, target))
     assert np.all(w[~mask] == 0.0)
-    np.testing.assert_allclose(w[mask], abcore.extrapolation_weights(nodes[mask], target), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(w[mask], abcore.theory.extrapolation_weights(nodes[mask], target), rtol=1e-9, atol=1e-9)
 
 
 @SETTINGS

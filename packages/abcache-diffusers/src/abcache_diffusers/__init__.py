@@ -7,14 +7,13 @@ image = pipe(prompt).images[0]
 `ExactLMSDiscreteScheduler` is diffusers' LMS scheduler on exact (closed-form) multistep coefficients.
 """
 
-from abcache_diffusers._config import ABSCISSAS, ABCacheConfig
+from abcache_diffusers._config import ABCacheConfig
 from abcache_diffusers._hook import AB_CACHE_HOOK, ABCacheHook, apply_ab_cache, get_ab_cache_hook, remove_ab_cache
-from abcache_diffusers._lms import ExactLMSDiscreteScheduler
 from abcache_diffusers._pipeline import cache_stats, denoisers, disable_ab_cache, enable_ab_cache, summary
 from abcache_diffusers._spacing import abscissa_grid, linear_steps, resolve_abscissa
+from abcache_diffusers.lms import ExactLMSDiscreteScheduler
 
 __all__ = [
-    "ABSCISSAS",
     "AB_CACHE_HOOK",
     "ABCacheConfig",
     "ABCacheHook",

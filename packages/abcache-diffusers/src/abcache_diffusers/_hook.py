@@ -1,17 +1,18 @@
 """The AB-Cache model hook: `apply_ab_cache(module, config)` / `remove_ab_cache(module)`.
 
-One stateful `ModelHook` on the denoiser. Each call is placed on the scheduler's grid (its step index), its
-abscissa (sigma or lambda) is looked up there, and the call is routed to the history of its cache context
-(`cache_context("cond")`, ...). The histories, the plan and the extrapolation are `abcache_torch.CacheEngine`'s.
-The contexts that start at the same step share one engine, announced the part of the grid they run, so that the
-adaptive mode takes one decision per step for all of them (cond and uncond make the same calls).
+One stateful `ModelHook` on the denoiser, shaped like diffusers' own caches: a `StateManager` keeps one small
+state per cache context (`cache_context("cond")`, ...), here an `abcache_torch.ContextState` per stage of the
+scheduler. Each call is placed by its step index, taken from what diffusers hands over: the pipeline's
+`CacheContext.step_index`, else the scheduler the hook follows (its `step_index`, or the call's timestep on its
+`timesteps`). The scheduler's grid, abscissa and step coefficients are read once per `set_timesteps`
+(`SchedulerView`); a new `set_timesteps` starts a new run, so a failed or interrupted call never leaks into the
+next one. Without a scheduler, `abcache_torch.ABCache` places the calls by their timestep.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -19,156 +20,130 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from abcache_torch import CacheEngine, CacheStats, input_key
+from abcache_torch import ABCache, CacheStats, ContextState, input_key, predict_jointly
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
 from abcache_diffusers._config import ABCacheConfig, as_config
 from abcache_diffusers._spacing import (
-    _numpy,
-    abscissa_grid,
-    call_stages,
-    linear_steps,
+    NOT_STARTED,
+    SchedulerView,
     nonlinear_reason,
     resolve_abscissa,
     resolve_weighting,
-    step_index,
-    timestep_scale,
+    scheduler_index,
 )
 
 AB_CACHE_HOOK = "ab_cache"
 DEFAULT_CONTEXT = "default"
+FOLLOW_HINT = (
+    "the denoiser is shared with a pipeline whose scheduler the hook does not follow (one made with "
+    "from_pipe(pipe, scheduler=...)?): call enable_ab_cache(that_pipeline) to follow its scheduler"
+)
 
 SchedulerSource = Any  # a scheduler, a zero-argument callable returning one, or None
 
 
-class _NoState(BaseState):
-    def reset(self, *args: Any, **kwargs: Any) -> None:
-        pass
+class _Branch(BaseState):
+    """One cache context: its `ContextState` per (stage, repeat), each with the stage position it started at.
 
-
-class _ContextTracker(StateManager):
-    """Receives the pipeline's `cache_context`: a name (diffusers 0.40) or a `CacheContext` (0.41+).
-
-    A `CacheContext` may also carry the loop's `step_index`, `sigma` and `num_inference_steps`.
+    A stage separates calls that share an abscissa (second-order schedulers); a repeat, a second call at the
+    same step in the same context (SD3's skip-layer guidance). `None` instead of a state: the few-step guard
+    computes that run.
     """
 
     def __init__(self) -> None:
-        super().__init__(_NoState)  # type: ignore[arg-type]  # diffusers annotates the class as an instance
-        self.set_context(None)
-
-    def set_context(self, context: Any) -> None:
-        super().set_context(context)
-        named = context is None or isinstance(context, str)
-        self.name: str | None = context if named else context.name
-        self.step_index: int | None = None if named else getattr(context, "step_index", None)
-        self.sigma: float | None = None if named else getattr(context, "sigma", None)
-        self.num_steps: int | None = None if named else getattr(context, "num_inference_steps", None)
+        # (stage, repeat) -> (state, the position it started at, the inputs' `input_key`: a change starts over)
+        self.runs: dict[tuple[int, int], tuple[ContextState | None, int, Any]] = {}
+        self.last: tuple[int, int] | None = None  # (call index, repeat) of the previous call
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
-        super().reset(*args, **kwargs)
-        self.set_context(None)
+        self.__init__()  # type: ignore[misc]
 
 
-def _timestep_value(timestep: Any) -> float:
-    """The step's timestep as a float (the largest entry of a per-sample / per-token tensor)."""
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.detach().reshape(-1).max())
-    return float(timestep)
+class _States(StateManager):
+    """The hook's `StateManager`: a `_Branch` per context name; diffusers 0.40 sets names, 0.41+ `CacheContext`s
+    that may also carry the loop's `step_index`, `sigma` and `num_inference_steps`. No context: "default"."""
+
+    def __init__(self) -> None:
+        super().__init__(_Branch)  # type: ignore[arg-type]  # diffusers annotates the class as an instance
+
+    @property
+    def name(self) -> str:
+        context = self._context
+        name = context if context is None or isinstance(context, str) else context.name
+        return name or DEFAULT_CONTEXT
+
+    def step_info(self) -> tuple[int | None, int | None, float | None]:
+        """(step_index, num_inference_steps, sigma) the pipeline's `CacheContext` carries (None where it does not)."""
+        context = self._context
+        if context is None or isinstance(context, str):
+            return None, None, None
+        index, n, sigma = (getattr(context, k, None) for k in ("step_index", "num_inference_steps", "sigma"))
+        if not (isinstance(index, int) and isinstance(n, int) and 0 <= index < n):
+            return None, None, None
+        return index, n, None if sigma is None else float(sigma)
+
+    def get_state(self) -> _Branch:
+        name = self.name
+        if name not in self._state_cache:
+            self._state_cache[name] = _Branch()
+        return cast(_Branch, self._state_cache[name])
+
+    def branches(self) -> list[_Branch]:
+        return list(self._state_cache.values())
+
+    def clear(self) -> None:
+        """Forget every context's state (a new run), keeping the context the pipeline has set."""
+        self._state_cache.clear()
 
 
-def _add_stats(target: CacheStats, source: CacheStats) -> None:
-    """Add the per-context counters of `source` to `target`."""
-    for name, counters in source.contexts.items():
-        into = target.context(name)
-        into.computed += counters.computed
-        into.predicted += counters.predicted
-        into.fallbacks += counters.fallbacks
-        if counters.max_error is not None:
-            into.note_error(counters.max_error)
+def _check_scheduler(config: ABCacheConfig, scheduler: Any) -> None:
+    """Raise ValueError, naming the field and the scheduler, for a config `scheduler` cannot run."""
+    abscissa = resolve_abscissa(scheduler, config.abscissa)
+    resolve_weighting(scheduler, config.weighting, abscissa)
+    if config.correct is True:
+        reason = "no scheduler is known" if scheduler is None else nonlinear_reason(scheduler)
+        if reason is not None:
+            raise ValueError(
+                f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: {reason}; "
+                "use correct=None (correct where possible) or False"
+            )
 
 
 class ABCacheHook(ModelHook):
     r"""
-    The stateful AB-Cache hook (see [`apply_ab_cache`]). Holds one `abcache_torch.CacheEngine` per group of cache
-    contexts that start at the same step (their adaptive decisions are joint).
+    The stateful AB-Cache hook (see [`apply_ab_cache`]): one `abcache_torch.ContextState` per cache context and stage,
+    in a diffusers `StateManager`; the scheduler's view of the running call.
     """
 
     _is_stateful = True
-    _joint = True  # False: one engine per context, each deciding alone (for measurements)
 
     def __init__(self, config: ABCacheConfig, scheduler: SchedulerSource = None) -> None:
         super().__init__()
         self.config = config
-        self.contexts = _ContextTracker()
-        self._scheduler = scheduler if scheduler is None or callable(scheduler) else (lambda: scheduler)
-        self._engines: dict[tuple, CacheEngine] = {}  # by group: (start index, stage), or ("timestep",)
-        self._extra = CacheStats()  # few-step-guard calls, and the counters of replaced engines
+        self.state_manager = _States()
+        self.view: SchedulerView | None = None  # the running call's scheduler (or CacheContext) view
+        self._scheduler: Callable[[], Any] | None = None
+        self.follow(scheduler)
+        self._stats = CacheStats()  # the counters of the scheduler runs, since the hook was applied
+        self._fallback: ABCache | None = None  # without a scheduler: ABCache places the calls by their timestep
         self._timestep_position: int | None = None
-        self._stale: Any = None  # the timesteps of a scheduler found not to be the running one
         self._warned: set[str] = set()
-        self._running: Any = None  # the scheduler of the pipeline found on the call stack
-        self._searched = False  # whether this generation looked for it
-        self._module_ref: weakref.ref | None = None
-        self._forget_grid()
-        self._settings = self._resolve(self.scheduler)
 
-    # ---------------------------------------------------------------- setup
-    @property
-    def scheduler(self) -> Any:
-        """The scheduler of the running generation: that of the pipeline calling the denoiser, else the source's."""
-        if self._running is not None:
-            return self._running
-        return None if self._scheduler is None else self._scheduler()
+    def follow(self, scheduler: SchedulerSource) -> None:
+        """Follow `scheduler` (a scheduler or a function returning the current one) from the next call on."""
+        source = scheduler if scheduler is None or callable(scheduler) else (lambda: scheduler)
+        _check_scheduler(self.config, None if source is None else source())
+        self._scheduler, self.view = source, None
+        self.state_manager.clear()
 
-    def _find_running_scheduler(self) -> None:
-        """At a generation's first call: the scheduler of the pipeline on the call stack that owns the denoiser.
-
-        A pipeline made by `from_pipe(pipe, scheduler=...)` shares the denoiser but not the scheduler the hook was
-        given; diffusers does not pass the scheduler to the denoiser, so the caller's frames are searched once.
-        """
-        module = None if self._module_ref is None else self._module_ref()
-        self._searched = True
-        frame: Any = sys._getframe(2)
-        for _ in range(64):
-            if frame is None or module is None:
-                return
-            owner: Any = frame.f_locals.get("self")
-            components = getattr(owner, "components", None)
-            if not isinstance(components, dict) or getattr(owner, "scheduler", None) is None:
-                frame = frame.f_back
-                continue
-            if any(isinstance(c, torch.nn.Module) and unwrap_module(c) is module for c in components.values()):
-                self._running = owner.scheduler
-                return
-            frame = frame.f_back
-
-    def _set_context(self, module: torch.nn.Module, name: str | None) -> torch.nn.Module:
-        """diffusers 0.40 sets the context through the hook (0.41+ sets `self.contexts` directly)."""
-        self.contexts.set_context(name)
-        return module
-
-    def _resolve(self, scheduler: Any) -> tuple[str, str]:
-        """(abscissa, weighting) on `scheduler`; raises ValueError for a config the scheduler cannot run."""
-        abscissa = resolve_abscissa(scheduler, self.config.abscissa)
-        weighting = resolve_weighting(scheduler, self.config.weighting, abscissa)
-        if scheduler is None and (self.config.cooldown or self.config.compute_mask is not None):
-            raise ValueError("cooldown and compute_mask need the step grid: pass scheduler= to apply_ab_cache")
-        if self.config.correct is True:
-            reason = "no scheduler is known" if scheduler is None else nonlinear_reason(scheduler)
-            if reason is not None:
-                raise ValueError(
-                    f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: {reason}; "
-                    "use correct=None (correct where possible) or False"
-                )
-        return abscissa, weighting
-
+    # ---------------------------------------------------------------- diffusers' hook interface
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         signature = inspect.signature(module.forward).parameters
         parameters = list(signature)
         name = self.config.timestep_arg
-        self._module_ref = weakref.ref(module)
         self._timestep_position = parameters.index(name) if name in parameters else None
         if name not in parameters and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
             raise ValueError(
@@ -176,59 +151,73 @@ class ABCacheHook(ModelHook):
             )
         return module
 
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        """End of a pipeline call: forget every history and the grid (keeps the stats)."""
-        for engine in self._engines.values():
-            engine.reset()
-        self._forget_grid()
-        self._running, self._searched = None, False
+    def _set_context(self, module: torch.nn.Module, name: str | None) -> torch.nn.Module:
+        """diffusers 0.40 sets the context through the hook (0.41+ sets the `StateManager` directly)."""
+        self.state_manager.set_context(cast(Any, name))
         return module
 
-    def _forget_grid(self) -> None:
-        self._timesteps_ref: Any = None  # the scheduler.timesteps tensor the grid was computed from
-        self._timesteps: np.ndarray | None = None
-        self._grid: np.ndarray | None = getattr(self, "_grid", None)  # kept for inspection after the call
-        self._stages: np.ndarray | None = None  # per call: its history among the calls sharing an abscissa
-        self._steps: Any = None  # abcore.LinearSteps over the grid, or None
-        self._sigmas: np.ndarray | None = None  # the scheduler's sigmas, to check the pipeline's CacheContext
-        self._scale = 1.0
-        self._next: dict[str, int] = {}  # per context: the grid index its next call should have
-        self._group: dict[str, tuple] = {}  # per context: the key of its engine
-        self._announced: set[tuple] = set()  # the groups announced on this grid
-        self._last_index: dict[str, int] = {}
-        self._repeat: dict[str, int] = {}
-        self._guarded: set[str] = set()
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """End of a pipeline call: forget every history (keeps the stats and the view, whose run has ended)."""
+        self.state_manager.reset()
+        if self._fallback is not None:
+            self._fallback.reset()
+        return module
 
-    # ---------------------------------------------------------------- stats
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = cast(Callable[..., Any], self.fn_ref.original_forward)
+        place = self._place(args, kwargs)
+        if place is None:
+            return forward(*args, **kwargs)
+        if isinstance(place, ABCache):
+            with place.context(self.state_manager.name):
+                return place(*args, **kwargs)
+        state, i, time = place
+        leaves = self._predict(state, i, time)
+        if leaves is not None:
+            return self._skip(state, i, leaves, time)
+        # the model runs here, outside the state, so that torch.compile compiles it
+        return self._record(state, i, forward(*args, **kwargs), time)
+
+    # ---------------------------------------------------------------- what the hook shows
     @property
     def stats(self) -> CacheStats:
         """Counters per context since the hook was applied (or `reset_stats`)."""
-        merged = CacheStats()
-        for source in (self._extra, *(engine.stats for engine in self._engines.values())):
-            _add_stats(merged, source)
-        return merged
+        return self._stats if self._fallback is None else self._stats + self._fallback.stats
 
     def reset_stats(self) -> None:
-        self._extra = CacheStats()
-        for engine in self._engines.values():
-            engine.reset_stats()
+        self._stats = CacheStats()
+        if self._fallback is not None:
+            self._fallback.reset_stats()
+        self.state_manager.clear()
+
+    @property
+    def scheduler(self) -> Any:
+        """The scheduler the hook follows (None without one)."""
+        return None if self._scheduler is None else self._scheduler()
 
     @property
     def abscissa(self) -> str:
         """The abscissa in use: "sigma", "lambda", "timestep" or "index"."""
-        return self._settings[0]
+        return self.view.abscissa if self.view is not None else resolve_abscissa(self.scheduler, self.config.abscissa)
 
     @property
     def weighting(self) -> str:
         """abcore's weighting in use ("exp" resolved from the scheduler's prediction_type)."""
-        return self._settings[1]
+        if self.view is not None:
+            return self.view.weighting
+        return resolve_weighting(self.scheduler, self.config.weighting, self.abscissa)
 
     @property
     def grid(self) -> np.ndarray | None:
-        """The abscissa of each step of the current call (None before the first step or without a scheduler)."""
-        return None if self._grid is None else self._grid.copy()
+        """The abscissa of each call of the last run (None before it or without a scheduler)."""
+        return None if self.view is None or self.view.grid is None else self.view.grid.copy()
 
-    # ---------------------------------------------------------------- routing
+    # ---------------------------------------------------------------- placing a call
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=5)
+
     def _timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = self.config.timestep_arg
         if name in kwargs:
@@ -237,215 +226,144 @@ class ABCacheHook(ModelHook):
             return args[self._timestep_position]
         return None
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
-
-    def _engine(self, key: tuple) -> CacheEngine:
-        if key not in self._engines:
-            self._engines[key] = CacheEngine(self.config.to_ab_config(self._settings[1]))
-        return self._engines[key]
-
-    def _refresh_grid(self, scheduler: Any, timestep: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(timesteps, abscissa grid), recomputed when the scheduler's timesteps changed (new call, steps, strength)."""
-        timesteps = scheduler.timesteps
-        if self._timesteps_ref is not None and timesteps is self._timesteps_ref:
-            return cast(np.ndarray, self._timesteps), cast(np.ndarray, self._grid)
-        settings = self._resolve(scheduler)
-        if settings != self._settings:  # another scheduler was swapped in
-            for engine in self._engines.values():
-                _add_stats(self._extra, engine.stats)
-            self._engines.clear()
-            self._settings = settings
-        self._forget_grid()
-        values, grid = _numpy(timesteps), abscissa_grid(scheduler, settings[0])
-        self._timesteps_ref, self._timesteps, self._grid = timesteps, values, grid
-        self._stages = call_stages(scheduler, grid)
-        sigmas = getattr(scheduler, "sigmas", None)
-        self._sigmas = None if sigmas is None else _numpy(sigmas)
-        if self.config.correct is not False and not np.any(self._stages):
-            self._steps = linear_steps(scheduler)
-        if timestep is not None:
-            num_train = float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
-            self._scale = timestep_scale(values, _timestep_value(timestep), num_train)
-        return values, grid
+    def _running_view(self) -> SchedulerView | None:
+        """The view of the followed scheduler's current timesteps: a new one (a new run) after `set_timesteps`."""
+        scheduler = self.scheduler
+        if scheduler is None or getattr(scheduler, "timesteps", None) is None:
+            return None
+        view = self.view
+        if view is None or view.scheduler is not scheduler or view.timesteps is not scheduler.timesteps:
+            config = self.config
+            view = SchedulerView.of(scheduler, config.abscissa, config.weighting, config.correct)
+            self.view = view
+            self.state_manager.clear()  # a new run: forget every context (the stats stay)
+        return view
 
     @torch.compiler.disable
-    def _route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine | None, float | None, str]:
-        """(engine, time, context) of this call; engine None: run the model without caching."""
-        base = self.contexts.name or DEFAULT_CONTEXT
-        timestep = self._timestep(args, kwargs)
-        if not self._searched:
-            self._find_running_scheduler()
-        scheduler = self.scheduler
-        if scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
-            timesteps, grid = self._refresh_grid(scheduler, timestep)
-            if timestep is not None or isinstance(getattr(scheduler, "step_index", None), int):
-                index = self._index(scheduler, timesteps, timestep, base)
-                if index is not None:
-                    return self._route_on_grid(base, index, grid)
-        if self._context_knows_the_step():
-            return self._route_on_context(base, timestep)
-        if timestep is None:
-            self._warn_once("no-timestep", f"ab_cache: the call has no {self.config.timestep_arg!r}: not cached")
-            return None, None, base
-        if scheduler is not None:
-            self._warn_once("no-grid", "ab_cache: the scheduler has no timesteps (set_timesteps): not cached")
-            return None, None, base
-        return self._engine(("timestep",) if self._joint else ("timestep", base)), _timestep_value(timestep), base
-
-    def _index(self, scheduler: Any, timesteps: np.ndarray, timestep: Any, base: str) -> int | None:
-        """The call's index on `timesteps`, or None when `scheduler` is not the one running (warned once).
-
-        The pipeline's `CacheContext.step_index` when it passes one for this grid, else the scheduler's own counter,
-        else the nearest timestep. Checked against the pipeline's `CacheContext.sigma`, or once per context and
-        generation against the timestep received.
-        """
-        ctx, knows = self.contexts, self._context_knows_the_step()
-        if knows and self._stale is scheduler.timesteps:
-            return None
-        if knows and ctx.num_steps == timesteps.size:
-            index = cast(int, ctx.step_index)
-        else:
-            index = step_index(scheduler, timesteps, lambda: _timestep_value(timestep), self._scale)
-        name, sigmas = type(scheduler).__name__, self._sigmas
-        if knows and ctx.sigma is not None and sigmas is not None and index < sigmas.size:
-            if not math.isclose(sigmas[index], float(ctx.sigma), rel_tol=1e-4, abs_tol=1e-6):
-                self._stale = scheduler.timesteps  # until its timesteps are set again
+    def _place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[ContextState, int, Any] | Any:
+        """(state, index, time) of this call; None: run the model uncached; an `ABCache`: let it place the call."""
+        states = self.state_manager
+        step, num_steps, sigma = states.step_info()
+        view = self._running_view()
+        index = None
+        if view is not None and view.grid is not None:  # the followed scheduler's run
+            index = self._scheduler_index(view, args, kwargs)
+            expected = None if index is None or view.sigmas is None or index >= view.sigmas.size else view.sigmas[index]
+            if expected is not None and sigma is not None and not np.isclose(expected, sigma, rtol=1e-4, atol=1e-6):
                 self._warn_once(
                     "stale",
-                    f"ab_cache: the {name} the hook reads is not the running one (sigma {sigmas[index]:.6g} at step "
-                    f"{index}, the pipeline passes {float(ctx.sigma):.6g}): caching on the pipeline's step_index, "
-                    "sigma and num_inference_steps instead",
+                    f"ab_cache: the {type(view.scheduler).__name__} the hook follows is not the running one (sigma "
+                    f"{expected:.6g} at step {index}, the pipeline passes {sigma:.6g}): caching on the "
+                    "pipeline's step_index, sigma and num_inference_steps instead; " + FOLLOW_HINT,
                 )
+                view, index = None, None
+        if index is None and step is not None:  # the pipeline's CacheContext says where the loop is
+            if self.view is None or self.view.grid is not None or self.view.num_calls != num_steps:
+                abscissa = "index" if self.config.abscissa == "index" else "sigma" if sigma is not None else "timestep"
+                scheduler = self.scheduler  # a stale one: remembered with its timesteps, so that it is not read again
+                timesteps = None if scheduler is None else getattr(scheduler, "timesteps", None)
+                self.view = SchedulerView.of_context(cast(int, num_steps), abscissa, scheduler, timesteps)
+                states.clear()
+            view, index = self.view, step
+        if index is None:
+            if self._scheduler is not None:
+                why = "the scheduler has no timesteps" if view is None else "the call is not on its grid"
+                self._warn_once("not-running", f"ab_cache: not cached: {why}; " + FOLLOW_HINT)
                 return None
-        elif timestep is not None and self._next.get(base) != index:  # a context starts: check its timestep
-            nearest = int(np.argmin(np.abs(timesteps - _timestep_value(timestep) * self._scale)))
-            if timesteps[nearest] != timesteps[index]:
-                self._warn_once(
-                    "stale",
-                    f"ab_cache: the {name} the hook reads is not the running one (its step {index} is at timestep "
-                    f"{timesteps[index]:.6g}, the call's timestep is nearest its step {nearest}): placing the calls by "
-                    "their timestep",
-                )
-                index = nearest
+            return self._timestep_cache()
+        return self._state(cast(SchedulerView, view), index, args, kwargs, sigma)
+
+    def _scheduler_index(self, view: SchedulerView, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        """The call's index on the scheduler's grid: the pipeline's `CacheContext.step_index` where it describes this
+        grid, else the scheduler's (`scheduler_index`), else, before the scheduler steps, this context's next call."""
+        step, num_steps, _ = self.state_manager.step_info()
+        if step is not None and num_steps == view.num_calls:
+            return step
+        index = scheduler_index(view.scheduler, cast(np.ndarray, view.timestep_values), self._timestep(args, kwargs))
+        if index == NOT_STARTED:  # a loop that does not step the scheduler: count this context's calls
+            last = self.state_manager.get_state().last
+            index = 0 if last is None else (last[0] + 1) % view.num_calls
         return index
 
-    def _context_knows_the_step(self) -> bool:
-        """Whether the pipeline's `CacheContext` carries the loop's step_index and num_inference_steps."""
-        i, n = self.contexts.step_index, self.contexts.num_steps
-        return isinstance(i, int) and isinstance(n, int) and 0 <= i < n
-
-    def _name(self, base: str, index: int) -> str:
-        """`base`, or `base_1`, ... for a second call at the same step in the same context (SD3's skip-layer call)."""
-        repeat = self._repeat.get(base, 0) + 1 if self._last_index.get(base) == index else 0
-        self._repeat[base], self._last_index[base] = repeat, index
-        return base if repeat == 0 else f"{base}_{repeat}"
-
-    def _guard(self, name: str, remaining: int) -> bool:
-        """Whether the few-step guard computes every step of the context `name` from here (warned once)."""
-        if remaining < self.config.min_steps and not self.config.force:
-            self._guarded.add(name)
-            self._warn_once(
-                "few-steps",
-                f"ab_cache: {remaining} denoising steps is below min_steps={self.config.min_steps}: "
-                "computing every step (pass force=True to cache anyway)",
-            )
-            return True
-        self._guarded.discard(name)
-        return False
-
-    def _join(self, name: str, group: tuple) -> CacheEngine | None:
-        """The engine of `group`, which the context `name` joins; None when the group is new (to be announced)."""
-        group = group if self._joint else (*group, name)
-        self._group[name] = group
-        engine = self._engine(group)
-        if group in self._announced:
-            return None
-        self._announced.add(group)
-        return engine
-
-    def _route_on_grid(self, base: str, index: int, grid: np.ndarray) -> tuple[CacheEngine | None, float | None, str]:
-        name = self._name(base, index)
-        stage = cast(np.ndarray, self._stages)
-        if np.any(stage):  # an abscissa repeats (second-order schedulers): one history per stage
-            name = f"{name}/stage{stage[index]}"
-        if self._next.get(name) != index:  # the context starts (or jumps): announce the rest of the grid
-            mine = index + np.flatnonzero(stage[index:] == stage[index])
-            if not self._guard(name, mine.size):
-                # contexts starting at the same step share an engine; the first one announces the grid
-                engine = self._join(name, (index, int(stage[index])))
-                if engine is not None:
-                    self._announce(engine, grid[mine], index)
-        following = index + 1 + np.flatnonzero(stage[index + 1 :] == stage[index])
-        self._next[name] = int(following[0]) if following.size else -1
-        if not following.size:  # this context's generation ends: look for the running pipeline again next call
-            self._searched = False
-        if name in self._guarded:
-            self._extra.context(name).computed += 1
-            return None, None, name
-        return self._engines[self._group[name]], float(grid[index]), name
-
-    def _route_on_context(self, base: str, timestep: Any) -> tuple[CacheEngine | None, float | None, str]:
-        """Without the running scheduler: the steps the pipeline's `CacheContext` gives, decided step by step."""
-        ctx = self.contexts
-        index, n = cast(int, ctx.step_index), cast(int, ctx.num_steps)
-        name = self._name(base, index)
-        joined = self._group.get(name, (None,))[0] == "context"
-        if (self._next.get(name) != index or not joined) and not self._guard(name, n - index):
-            engine = self._join(name, ("context", index, n))
-            if engine is not None:
-                engine.set_grid(None, num_steps=n - index)
-        self._next[name] = index + 1 if index + 1 < n else -1
-        if index + 1 >= n:
-            self._searched = False
-        if name in self._guarded:
-            self._extra.context(name).computed += 1
-            return None, None, name
-        if self.abscissa == "index":
-            time = float(index)
-        elif ctx.sigma is not None and (self.abscissa == "sigma" or timestep is None):
-            time = float(ctx.sigma)
-        elif timestep is not None:
-            time = _timestep_value(timestep)
-        else:
-            self._warn_once("no-timestep", f"ab_cache: the call has no {self.config.timestep_arg!r}: not cached")
-            return None, None, name
-        return self._engines[self._group[name]], time, name
-
-    def _announce(self, engine: CacheEngine, times: np.ndarray, index: int) -> None:
-        """`engine.set_grid(times)`, with the step coefficients from `index` on where known."""
-        steps = self._steps
-        if steps is not None:
-            engine.set_grid(times.tolist(), steps=type(steps)(steps.a[index:], steps.b[index:]))
-        else:
-            engine.set_grid(times.tolist())
-
-    @staticmethod
-    @torch.compiler.disable
-    def _predict(engine: CacheEngine, time: float, name: str, key: tuple) -> tuple[bool, Any]:
-        return engine.predict(time, name, key=key)
-
-    @staticmethod
-    @torch.compiler.disable
-    def _store(engine: CacheEngine, name: str, output: Any) -> Any:
-        return engine.store(output, name)
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        engine, time, name = self._route(args, kwargs)
-        forward = cast(Callable[..., Any], self.fn_ref.original_forward)
-        if engine is None:
-            return forward(*args, **kwargs)
+    def _state(
+        self, view: SchedulerView, index: int, args: tuple[Any, ...], kwargs: dict[str, Any], sigma: float | None
+    ) -> tuple[ContextState, int, Any] | None:
+        """The context's state at call `index` of `view` (a new one where its run starts or jumps)."""
+        states = self.state_manager
+        branch = states.get_state()
         key = input_key(args, kwargs)
-        predicted, output = self._predict(engine, time, name, key)
-        if predicted:
-            return output
-        # the model runs here, outside the engine, so that torch.compile compiles it
-        return self._store(engine, name, forward(*args, **kwargs))
+        stage, position, size = view.locate(index)
+        repeat = branch.last[1] + 1 if branch.last is not None and branch.last[0] == index else 0
+        branch.last = (index, repeat)
+        state, start, known = branch.runs.get((stage, repeat), (None, -1, None))
+        if start < 0 or known != key or (state is not None and position != start + state.step):
+            start, state = position, None
+            remaining = size - position
+            if remaining >= self.config.min_steps or self.config.force:
+                schedule = view.schedule(self.config.to_ab_config("plain"), stage, start, fit=self.config.force)
+                label = states.name + (f"_{repeat}" if repeat else "") + (f"/stage{stage}" if view.staged else "")
+                state = ContextState(schedule, self._stats.context(label))
+            else:
+                self._warn_once(
+                    "few-steps",
+                    f"ab_cache: {remaining} denoising steps is below min_steps={self.config.min_steps}: "
+                    "computing every step (pass force=True to cache anyway)",
+                )
+            branch.runs[(stage, repeat)] = (state, start, key)
+        if state is None:
+            self._stats.context(states.name).computed += 1
+            return None
+        time = None
+        if view.grid is None:  # a CacheContext run: the abscissa comes with the call
+            time = sigma if view.abscissa == "sigma" else self._timestep(args, kwargs)
+            if view.abscissa != "index" and time is None:
+                return None
+            time = None if time is None else float(torch.as_tensor(time).reshape(-1).max())
+        return state, position - start, time
+
+    def _timestep_cache(self) -> ABCache:
+        """Without a scheduler and a step index: `ABCache` on the timestep the denoiser receives."""
+        if self._fallback is None:
+            ab = self.config.to_ab_config("plain")
+            if ab.cooldown:
+                self._warn_once(
+                    "cooldown",
+                    f"ab_cache: cooldown={ab.cooldown} needs the number of steps, which neither a scheduler (pass "
+                    "scheduler= or use enable_ab_cache(pipe)) nor the pipeline's cache_context gives: the last steps "
+                    "are not forced to compute",
+                )
+                ab = dataclasses.replace(ab, cooldown=0)
+            if ab.compute_mask is not None:
+                raise ValueError("compute_mask needs the number of steps: pass scheduler= to apply_ab_cache")
+            forward = cast(Callable[..., Any], self.fn_ref.original_forward)
+            self._fallback = ABCache(lambda *a, **k: forward(*a, **k), ab, time_fn=self._timestep)
+        return self._fallback
+
+    @torch.compiler.disable
+    def _predict(self, state: ContextState, i: int, time: Any) -> Any:
+        """The prediction at step i, or None to compute; in adaptive mode decided with the contexts at step i."""
+        if state.schedule.config.adaptive and (state._joint is None or state._joint[0] != i):
+            peers = [
+                s
+                for branch in self.state_manager.branches()
+                for s, _, _ in branch.runs.values()
+                if s is not None and s.schedule is state.schedule and s.step == i and len(s.history)
+            ]
+            predict_jointly(peers or [state], i, {id(s): time for s in peers}, None)
+        return state.predict(i, time)
+
+    @staticmethod
+    @torch.compiler.disable
+    def _skip(state: ContextState, i: int, leaves: Any, time: Any) -> Any:
+        return state.skip(i, leaves, time)
+
+    @staticmethod
+    @torch.compiler.disable
+    def _record(state: ContextState, i: int, output: Any, time: Any) -> Any:
+        return state.record(i, output, time)
 
     def __repr__(self) -> str:
-        return f"ABCacheHook({self.config!r}, abscissa={self._settings[0]!r}, stats={self.stats!r})"
+        return f"ABCacheHook({self.config!r}, abscissa={self.abscissa!r}, stats={self.stats!r})"
 
 
 def _invalidate(registry: HookRegistry) -> None:
@@ -461,6 +379,19 @@ def _reset_registry(module_ref: weakref.ref) -> None:
         HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
 
 
+def _other_cache(module: torch.nn.Module) -> str | None:
+    """What other cache runs on `module`: diffusers' `enable_cache` config, or a stateful hook on it or its blocks."""
+    config = getattr(module, "_cache_config", None)
+    if config is not None:
+        return type(config).__name__
+    for child in module.modules():
+        registry = getattr(child, "_diffusers_hook", None)
+        for name, hook in ({} if registry is None else registry.hooks).items():
+            if hook._is_stateful and name != AB_CACHE_HOOK:
+                return f"the hook {name!r}"
+    return None
+
+
 def apply_ab_cache(
     module: torch.nn.Module, config: ABCacheConfig | dict | None = None, scheduler: SchedulerSource = None
 ) -> ABCacheHook:
@@ -473,15 +404,19 @@ def apply_ab_cache(
     UniPC, Euler). Each `cache_context` name (`"cond"`, `"uncond"`, `"cond_uncond"`) has its own history; calls
     without one share the history `"default"` (a second call at the same step gets `"default_1"`).
 
+    The hook joins diffusers' cache bookkeeping: `module.is_cache_enabled` is True while it is applied, and enabling
+    a second cache (diffusers' `enable_cache`, or AB-Cache again) raises.
+
     Args:
         module (`torch.nn.Module`):
             The denoiser. Its forward must take the timestep (argument `config.timestep_arg`).
         config (`ABCacheConfig`, *optional*):
             The cache settings (default `ABCacheConfig()`); a dict of its fields is accepted.
         scheduler (`SchedulerMixin` or `Callable[[], SchedulerMixin]`, *optional*):
-            The pipeline's scheduler (or a function returning the current one), which gives the grid and the
-            abscissa. Without it, the timestep the denoiser receives is the abscissa and no grid is known (no
-            cool-down, mask or few-step guard). [`enable_ab_cache`] passes it for you.
+            The pipeline's scheduler (or a function returning the current one), which gives the step index, the grid
+            and the abscissa. Without it, the pipeline's `cache_context(..., step_index=, num_inference_steps=)` gives
+            the steps where it passes them; else the timestep the denoiser receives is the abscissa and no grid is
+            known (no cool-down, mask or few-step guard). [`enable_ab_cache`] passes it for you.
 
     Returns:
         `ABCacheHook`: the hook (its `stats` count computed and predicted steps per context).
@@ -499,9 +434,17 @@ def apply_ab_cache(
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if registry.get_hook(AB_CACHE_HOOK) is not None:
         raise ValueError(f"AB-Cache is already applied to this {type(module).__name__}: call remove_ab_cache first")
+    other = _other_cache(module)
+    if other is not None:
+        raise ValueError(
+            f"a cache is already enabled on this {type(module).__name__} ({other}): disable it first "
+            "(module.disable_cache() for diffusers' caches)"
+        )
     hook = ABCacheHook(config, scheduler)
     registry.register_hook(hook, AB_CACHE_HOOK)
     _invalidate(registry)
+    if hasattr(module, "_cache_config"):  # CacheMixin: is_cache_enabled, and enable_cache refuses a second cache
+        module._cache_config = config  # type: ignore[assignment]
     # Pipelines reset stateful hooks at the end of each call through `_reset_stateful_cache`, which only
     # `CacheMixin` models define; give the others the same entry point.
     if not hasattr(module, "_reset_stateful_cache"):
@@ -554,6 +497,8 @@ def remove_ab_cache(module: torch.nn.Module) -> None:
         module.__dict__["forward"] = module.__dict__["_old_forward"]
     registry.remove_hook(AB_CACHE_HOOK, recurse=False)
     _invalidate(registry)
+    if isinstance(getattr(module, "_cache_config", None), ABCacheConfig):
+        module._cache_config = None  # type: ignore[assignment]
     if offload_forward is not None:
         module.__dict__["_old_forward"] = module.__dict__["forward"]
         module.__dict__["forward"] = offload_forward

@@ -25,10 +25,11 @@ def enable_ab_cache(pipe: Any, config: ABCacheConfig | dict | None = None) -> No
     Enables [AB-Cache](https://huggingface.co/papers/2504.10540) on a diffusers pipeline.
 
     Applies [`apply_ab_cache`] to the pipeline's denoiser (`pipe.transformer`, also `pipe.transformer_2`, or
-    `pipe.unet`) with `pipe.scheduler` as the source of the step grid (the scheduler in place at each call is
-    used, so it may be swapped later). A pipeline sharing the denoiser, such as `X.from_pipe(pipe, scheduler=...)`,
-    is followed too: each generation reads the scheduler of the pipeline that calls the denoiser. The hook state is
-    reset at the end of every pipeline call.
+    `pipe.unet`) with `pipe.scheduler` as the source of the step index and grid (the scheduler in place at each
+    call is used, so it may be swapped later). A pipeline that shares the denoiser, such as
+    `X.from_pipe(pipe, scheduler=...)`, runs uncached with a warning until `enable_ab_cache(that_pipeline)` makes the
+    hook follow its scheduler (same config; the first pipeline then warns in turn). The hook state is reset at the end
+    of every pipeline call, and by every `set_timesteps`.
 
     Args:
         pipe (`DiffusionPipeline`):
@@ -68,6 +69,10 @@ def enable_ab_cache(pipe: Any, config: ABCacheConfig | dict | None = None) -> No
     applied = []
     try:
         for module in modules.values():
+            hook = get_ab_cache_hook(module)
+            if hook is not None and hook.config == config:  # a pipeline sharing the denoiser: follow its scheduler
+                hook.follow(scheduler)
+                continue
             apply_ab_cache(module, config, scheduler=scheduler)
             applied.append(module)
     except Exception:

@@ -7,18 +7,22 @@
   with only `alphas_cumprod` (DDIM, DDPM, PNDM): lambda = 0.5 log(abar / (1 - abar)) at the integer timesteps.
 
 Every entry of `scheduler.timesteps` is one model call, at the sigma the scheduler evaluates it (KDPM2's second-order
-calls at its interpolated sigmas, DPM-SDE's at the log-sigma midpoint of their step). Second-order schedulers (Heun,
+calls at its interpolated sigmas, KDPM2-ancestral's at the interpolated sigma of the step before, DPM-SDE's at the
+log-sigma midpoint of their step). Second-order schedulers (Heun,
 FlowMatchHeun, PNDM's Runge-Kutta warm-up) call the model twice at one abscissa; `stages` splits their calls into
 strictly monotonic sequences, one history each. `linear_steps` gives the step coefficients
 x_{j+1} = a_j x_j + b_j out_j where the scheduler's step is linear in the model output, which the correction of
-predicted steps needs.
+predicted steps needs. `SchedulerView` holds all of it for one `set_timesteps`, with the `abcore.Schedule` of each
+stage from the step a context starts at.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, cast
 
+import abcore
 import numpy as np
 import torch
 from abcore import LinearSteps, lambda_from_alphas_cumprod, lambda_from_sigma
@@ -90,8 +94,10 @@ def abscissa_grid(scheduler: Any, abscissa: str) -> np.ndarray:
         sigmas = None
     interpol = getattr(scheduler, "sigmas_interpol", None)
     if sigmas is not None and interpol is not None:  # KDPM2: the second-order calls (odd entries) are in between
-        sigmas = sigmas.copy()
-        sigmas[1:n:2] = _numpy(interpol)[1:n:2]
+        sigmas, interpol = sigmas.copy(), _numpy(interpol)
+        # KDPM2 evaluates call j at sigmas_interpol[j]; KDPM2-ancestral at sigmas_interpol[j - 1]
+        shift = 1 if "Ancestral" in type(scheduler).__name__ else 0
+        sigmas[1:n:2] = interpol[1 - shift : n - shift : 2]
     elif sigmas is not None and "DPMSolverSDE" in type(scheduler).__name__:
         # DPMSolverSDEScheduler repeats each sigma in `sigmas`, but evaluates its second-order calls (odd entries)
         # at the midpoint in log sigma of the step: sqrt(sigma_j * sigma_{j+1})
@@ -121,25 +127,33 @@ def abscissa_grid(scheduler: Any, abscissa: str) -> np.ndarray:
     return grid
 
 
-def timestep_scale(timesteps: np.ndarray, value: float, num_train_timesteps: float) -> float:
-    """1, or `num_train_timesteps` when the denoiser receives timestep / num_train_timesteps (FLUX)."""
-    raw = float(np.min(np.abs(timesteps - value)))
-    scaled = float(np.min(np.abs(timesteps - value * num_train_timesteps)))
-    return num_train_timesteps if scaled < raw else 1.0
+NOT_STARTED = -1  # `scheduler_index`: the scheduler has not stepped yet and the call's timestep does not say
 
 
-def step_index(scheduler: Any, timesteps: np.ndarray, value: Callable[[], float], scale: float) -> int:
-    """Index into `timesteps` of the call whose timestep is ``value()``.
+def scheduler_index(scheduler: Any, timesteps: np.ndarray, timestep: Any) -> int | None:
+    """The index into `timesteps` of the call the scheduler is at; None when the call is not on this grid.
 
-    The scheduler's own `step_index` when it has one (exact, whatever dtype the timestep was cast to, and no read
-    of a device tensor), else `begin_index` before the first step, else the grid entry nearest ``value() * scale``.
+    The scheduler's own counter where it keeps one (`step_index`, `begin_index` before the first step; PNDM's
+    `counter`), else the one entry of `timesteps` equal to the call's `timestep` (DDIM, DDPM, or a scheduler that has
+    not stepped yet). An index past the grid (a finished run), or a timestep off the grid of a scheduler without a
+    counter, gives None; a scheduler with a counter that has not stepped, and a timestep that is not one of its
+    entries (FLUX passes timestep / 1000), gives `NOT_STARTED`.
     """
-    attributes = ("counter",) if "PNDM" in type(scheduler).__name__ else ("step_index", "begin_index")
-    for attribute in attributes:
-        index = getattr(scheduler, attribute, None)
-        if isinstance(index, int) and 0 <= index < timesteps.size:
-            return index
-    return int(np.argmin(np.abs(timesteps - value() * scale)))
+    n = timesteps.size
+    if "PNDM" in type(scheduler).__name__:
+        index = scheduler.counter
+    else:
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = getattr(scheduler, "begin_index", None)
+    if isinstance(index, int):
+        return index if 0 <= index < n else None
+    if timestep is not None:
+        value = float(timestep.detach().reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        matches = np.flatnonzero(timesteps == value)
+        if matches.size == 1:
+            return int(matches[0])
+    return NOT_STARTED if hasattr(type(scheduler), "step_index") else None
 
 
 def stages(grid: np.ndarray) -> np.ndarray:
@@ -226,3 +240,84 @@ def linear_steps(scheduler: Any) -> LinearSteps | None:
         return LinearSteps(1.0 + dt / sigma, -dt / sigma)
     # v_prediction: x0 = x / (sigma^2 + 1) - out sigma / sqrt(sigma^2 + 1)
     return LinearSteps(1.0 + dt * sigma / (sigma**2 + 1.0), dt / np.sqrt(sigma**2 + 1.0))
+
+
+@dataclass(frozen=True, eq=False)
+class SchedulerView:
+    """One `set_timesteps` of a scheduler as AB-Cache sees it, computed once (`of`), or a run the pipeline's
+    `CacheContext` describes (`of_context`: the times come with each call).
+
+    grid: (n,) the abscissa of each call, or None (`of_context`). stages: (n,) the history of each call among those
+    sharing an abscissa. steps: the step coefficients for the correction, or None. sigmas: the scheduler's sigmas (to
+    check a pipeline's `CacheContext.sigma`), or None.
+    """
+
+    scheduler: Any
+    timesteps: Any  # the scheduler's timesteps tensor this view was computed from
+    timestep_values: np.ndarray | None
+    num_calls: int
+    abscissa: str
+    weighting: str
+    grid: np.ndarray | None
+    stages: np.ndarray
+    steps: LinearSteps | None
+    sigmas: np.ndarray | None
+    _schedules: dict[tuple, abcore.Schedule] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, scheduler: Any, abscissa: str, weighting: str, correct: bool | None) -> SchedulerView:
+        """The view of `scheduler`'s current timesteps; raises ValueError for correct=True on a nonlinear step."""
+        abscissa = resolve_abscissa(scheduler, abscissa)
+        weighting = resolve_weighting(scheduler, weighting, abscissa)
+        if correct is True and nonlinear_reason(scheduler) is not None:
+            raise ValueError(
+                f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: "
+                f"{nonlinear_reason(scheduler)}; use correct=None (correct where possible) or False"
+            )
+        grid = abscissa_grid(scheduler, abscissa)
+        stage = call_stages(scheduler, grid)
+        steps = linear_steps(scheduler) if correct is not False and not np.any(stage) else None
+        sigmas = getattr(scheduler, "sigmas", None)
+        return cls(
+            scheduler,
+            scheduler.timesteps,
+            _numpy(scheduler.timesteps),
+            grid.size,
+            abscissa,
+            weighting,
+            grid,
+            stage,
+            steps,
+            None if sigmas is None else _numpy(sigmas),
+        )
+
+    @classmethod
+    def of_context(cls, num_calls: int, abscissa: str, scheduler: Any = None, timesteps: Any = None) -> SchedulerView:
+        """A run of `num_calls` calls known only from the pipeline's `CacheContext`: no grid, the times come with the
+        calls. `scheduler` and its `timesteps`: the scheduler found not to be the running one, not read again."""
+        stages = np.zeros(num_calls, np.int64)
+        return cls(scheduler, timesteps, None, num_calls, abscissa, "plain", None, stages, None, None)
+
+    @property
+    def staged(self) -> bool:
+        """Whether calls share abscissae (second-order schedulers): one history per stage."""
+        return bool(np.any(self.stages))
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(stage, position within the stage, calls of the stage) of call `index`."""
+        stage = int(self.stages[index])
+        members = np.flatnonzero(self.stages == stage)
+        return stage, int(np.searchsorted(members, index)), int(members.size)
+
+    def schedule(self, config: abcore.ABConfig, stage: int, start: int, fit: bool) -> abcore.Schedule:
+        """The `abcore.Schedule` of `stage` from its position `start` on (times None for a context run)."""
+        key = (config, stage, start, fit)
+        if key not in self._schedules:
+            members = np.flatnonzero(self.stages == stage)[start:]
+            times = None if self.grid is None else self.grid[members]
+            steps = None
+            if self.steps is not None:
+                steps = LinearSteps(self.steps.a[members], self.steps.b[members])
+            config = dataclasses.replace(config, weighting=cast(Any, self.weighting))
+            self._schedules[key] = abcore.schedule(config, times, steps, num_steps=members.size, fit=fit)
+        return self._schedules[key]

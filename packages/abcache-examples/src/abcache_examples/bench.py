@@ -1,10 +1,11 @@
 """`nox -s bench`: AB-Cache against every peer on every zoo model; writes BENCHMARKS.md, Pareto plots, image strips.
 
 Every run starts from the same noise (and labels) as the full 50-step sampler of the same model and seed and is
-scored against it (PSNR, SSIM), against the real digits (Frechet distance of classifier features) and against the
-requested class (accuracy). Each method family runs a grid of its settings; at each budget (denoiser calls per
-image and guidance branch) the table shows the family's best setting whose calls, on every seed, are within the
-budget. Wall-clock ratios are measured side by side in one process, alternating the methods.
+scored against it (PSNR, SSIM), against the real images (Frechet distance of the features of the model's classifier:
+Fashion-MNIST's test split for `fashion`, the digits for the others) and against the requested class (accuracy).
+Each method family runs a grid of its settings; at each budget (denoiser calls per image and guidance branch) the
+table shows the family's best setting whose calls, on every seed, are within the budget. Wall-clock ratios are
+measured side by side in one process, alternating the methods.
 
     python -m abcache_examples.bench [--models flow eps] [--seeds 0 1 2] [--batch 64] [--out-dir .]
     python -m abcache_examples.bench --render-only      # re-render from benchmarks/results/*.json
@@ -50,6 +51,7 @@ TAIL_LABEL = {0: "no tail", 1: "last step computed", 3: "last 3 computed", 4: "l
 DEFAULT_METHOD = "AB-Cache fixed, last 4 computed, corrected, interval 5"  # ABCacheConfig()
 FAST_METHOD = "AB-Cache fixed order 3, last 4 computed, corrected, interval 6"  # compare.FAST_CONFIG
 MODEL_TITLES = {
+    "fashion": "Fashion-MNIST flow DiT (28x28, patch 4), 50 Euler steps, shift 3, true CFG 3",
     "flow": "flow DiT (velocity, 3000 steps), 50 Euler steps, shift 3, true CFG 3",
     "flow_ema": "flow DiT trained 2x longer (EMA 0.9995), 50 Euler steps, shift 3, true CFG 3",
     "eps": "eps UNet, DDIM 50 (leading, no clipping), lambda abscissa",
@@ -260,7 +262,7 @@ def _thin(jobs: list[Job]) -> list[Job]:
 def run_model(model: str, seeds: list[int], batch: int, quick: bool = False) -> dict[str, Any]:
     """Every job on every seed of one zoo model; the images of the first seed are kept for the image strip."""
     setup = make_setup(model, batch)
-    scorer = Scorer()
+    scorer = Scorer(model)
     labels = setup.labels if isinstance(setup, FlowSetup) else None
     jobs = ab_jobs() + baseline_jobs(setup) + (block_cache_jobs(setup) if isinstance(setup, FlowSetup) else [])
     grids = sharp_jobs(setup) if isinstance(setup, FlowSetup) else {}
@@ -551,8 +553,9 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
         "",
         "Every run starts from the same noise and labels as the full 50-step sampler of the same model and seed. "
         "PSNR / SSIM: against that full sampler, mean over seeds with the spread (min..max) in brackets. FD: "
-        "Frechet distance of the shipped classifier's features to the real digits. acc: classifier accuracy on "
-        "the requested class. Calls: full denoiser evaluations per image and guidance branch (calls of the "
+        "Frechet distance of the features of the model's classifier to the real images (`fashion`: Fashion-MNIST's "
+        "classifier and test split; the others: the digits' classifier and the 1797 digits). acc: that classifier's "
+        "accuracy on the requested class. Calls: full denoiser evaluations per image and guidance branch (calls of the "
         "denoiser's last block, so block caches are counted by what they really skip), the most any seed needed. "
         "Each family runs a grid of its settings; at each budget the best setting within it is shown, for "
         "AB-Cache and for every peer alike (peers tuned on the same seeds as ours). The zoo is described in "

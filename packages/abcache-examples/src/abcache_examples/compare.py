@@ -1,9 +1,10 @@
 """Side-by-side runs of the shipped models under each acceleration method, scored against the full sampler.
 
 Every run starts from the same noise (and labels) as the full 50-step reference, so PSNR / SSIM measure how far a
-method moves the result, the Frechet distance (classifier features, against the real digits) measures the sample
-distribution, and NFE counts full denoiser evaluations per image and guidance branch (calls of the last layer of the
-denoiser's last block, so block-level caches such as FirstBlockCache are counted by what they really skip).
+method moves the result, the Frechet distance (features of the model's classifier, against the real images it was
+trained on: Fashion-MNIST's test split for ``fashion``, the digits for the others) measures the sample distribution,
+and NFE counts full denoiser evaluations per image and guidance branch (calls of the last layer of the denoiser's
+last block, so block-level caches such as FirstBlockCache are counted by what they really skip).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,9 +24,17 @@ from abcache_diffusers import ABCacheConfig, disable_ab_cache, enable_ab_cache
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .data import load_digits16
-from .metrics import classifier_accuracy, classifier_features, frechet_distance, psnr, ssim
-from .models import FLOW_MODELS
+from .metrics import (
+    classifier_accuracy,
+    classifier_features,
+    classifier_for,
+    feature_stats,
+    frechet_distance_of_stats,
+    load_reference_stats,
+    psnr,
+    ssim,
+)
+from .models import FLOW_MODELS, UNET_MODELS, load_classifier
 from .pipelines import make_ddim_pipeline, make_flow_pipeline
 
 STEPS = 50
@@ -210,48 +220,106 @@ def step_jitter(setup: Setup) -> float:
 
 
 def make_setup(model: str, batch: int, seed: int = 0) -> Setup:
-    """The setup of zoo model `model`: a `FlowSetup` for the DiTs, an `EpsSetup` for the UNets."""
+    """The setup of zoo model `model`: a `FlowSetup` for the DiTs (labels ``arange(batch) % 10``), an `EpsSetup`
+    for the UNets."""
     if model in FLOW_MODELS:
         return FlowSetup(batch, seed, model=model)
-    return EpsSetup(batch, seed, model=model)
+    if model in UNET_MODELS:
+        return EpsSetup(batch, seed, model=model)
+    raise ValueError(f"model must be one of {(*FLOW_MODELS, *UNET_MODELS)}, got {model!r}")
+
+
+GridBlock = tuple[str, list[str], list[tuple[str, np.ndarray]]]
+"""One block of an image grid: a title, column headers (may be empty) and labelled rows of images ``(N, 1, H, W)``."""
+
+
+def grid_image(
+    blocks: list[GridBlock], per_row: int = 10, min_tile: int = 64, label_width: int = 0, pad: int = 2
+) -> Any:
+    """The blocks drawn one under the other as one greyscale ``PIL.Image``: per block its title and the column headers
+    (each a line of text, left out when empty), then one row per entry, its label on the left and its first
+    `per_row` images ``(1, H, W)`` in [-1, 1].
+
+    Every image is scaled (nearest neighbour, by an integer factor) to one tile size, the smallest multiple of all
+    the image sizes that is at least `min_tile` pixels, so the columns of blocks of different image sizes line up
+    (28x28 and 16x16: 112 px). The label column is as wide as the widest label (at least `label_width`), so no label
+    is cut.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not blocks or not all(rows for _, _, rows in blocks):
+        raise ValueError("blocks must be a non-empty list of (title, headers, rows) with at least one row each")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def text_size(text: str) -> tuple[int, int]:
+        _, _, right, bottom = measure.multiline_textbbox((0, 0), text, font=font)
+        return int(right), int(bottom)
+
+    sizes = {int(images.shape[-1]) for _, _, rows in blocks for _, images in rows}
+    base = math.lcm(*sizes)
+    tile = base * max(1, math.ceil(min_tile / base))
+    n = min(per_row, max(len(images) for _, _, rows in blocks for _, images in rows))
+    labels = [label for _, _, rows in blocks for label, _ in rows] + [title for title, _, _ in blocks]
+    label_width = max(label_width, *(text_size(label)[0] + 12 for label in labels))
+    line = text_size("Ag")[1] + 6
+    height = sum(line * (bool(title) + bool(headers)) + len(rows) * (tile + pad) for title, headers, rows in blocks)
+    canvas = Image.new("L", (label_width + n * (tile + pad), height + pad), 255)
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for title, headers, rows in blocks:
+        if title:
+            draw.text((4, y + 3), title, fill=0, font=font)
+            y += line
+        if headers:
+            for i, header in enumerate(headers[:n]):
+                x = label_width + i * (tile + pad) + (tile - text_size(header)[0]) // 2
+                draw.text((x, y + 3), header, fill=0, font=font)
+            y += line
+        for label, images in rows:
+            draw.multiline_text((4, y + (tile - text_size(label)[1]) // 2), label, fill=0, font=font)
+            for i, img in enumerate(images[:per_row]):
+                pixels = ((np.clip(img[0], -1, 1) + 1) * 127.5).astype(np.uint8)
+                canvas.paste(
+                    Image.fromarray(pixels).resize((tile, tile), Image.Resampling.NEAREST),
+                    (label_width + i * (tile + pad), y),
+                )
+            y += tile + pad
+    return canvas
+
+
+def save_grid(blocks: list[GridBlock], path: Any, per_row: int = 10, min_tile: int = 64) -> None:
+    """Write :func:`grid_image` of `blocks` to `path` (PNG)."""
+    grid_image(blocks, per_row, min_tile).save(path)
 
 
 def save_rows(
-    rows: list[tuple[str, np.ndarray]], path: Any, label_width: int, per_row: int = 10, scale: int = 4
+    rows: list[tuple[str, np.ndarray]], path: Any, label_width: int = 0, per_row: int = 10, min_tile: int = 64
 ) -> None:
-    """One labelled row of images (each ``(1, H, W)`` in [-1, 1], at most `per_row`) per entry, as one PNG."""
-    from PIL import Image, ImageDraw
-
-    size = rows[0][1].shape[-1] * scale
-    pad = 2
-    n = min(per_row, max(len(images) for _, images in rows))
-    canvas = Image.new("L", (label_width + n * (size + pad), len(rows) * (size + pad)), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        y = r * (size + pad)
-        draw.multiline_text((4, y + size // 2 - 6 * (label.count("\n") + 1)), label, fill=0)
-        for i, img in enumerate(images[:per_row]):
-            pixels = ((np.clip(img[0], -1, 1) + 1) * 127.5).astype(np.uint8)
-            tile = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST)
-            canvas.paste(tile, (label_width + i * (size + pad), y))
-    canvas.save(path)
+    """One labelled row of images (each ``(1, H, W)`` in [-1, 1], at most `per_row`) per entry, as one PNG
+    (:func:`grid_image` with one untitled block; the label column is at least `label_width` wide)."""
+    grid_image([("", [], rows)], per_row, min_tile, label_width).save(path)
 
 
 class Scorer:
-    """PSNR / SSIM against a reference run, Frechet distance to the real digits, class accuracy."""
+    """PSNR / SSIM against a reference run; Frechet distance to the real images and class accuracy, both measured by
+    the shipped classifier that scores zoo model `model` (:func:`metrics.classifier_for`), the Frechet distance
+    against that classifier's shipped reference statistics (:func:`metrics.load_reference_stats`)."""
 
-    def __init__(self) -> None:
-        images, _ = load_digits16()
-        self.real = classifier_features(images)
+    def __init__(self, model: str = "flow") -> None:
+        self.classifier_name = classifier_for(model)
+        self.classifier = load_classifier(name=self.classifier_name)
+        self.reference = load_reference_stats(self.classifier_name)
 
     def score(self, run: Run, reference: Run, labels: Any = None) -> Run:
+        features = classifier_features(run.images, self.classifier)
         run.scores = {
             "psnr": psnr(run.images, reference.images, data_range=2.0),
             "ssim": ssim(run.images, reference.images, data_range=2.0),
-            "fd": frechet_distance(classifier_features(run.images), self.real),
+            "fd": frechet_distance_of_stats(feature_stats(features), self.reference),
         }
         if labels is not None:
-            run.scores["accuracy"] = classifier_accuracy(run.images, labels)
+            run.scores["accuracy"] = classifier_accuracy(run.images, labels, self.classifier)
         return run
 
 

@@ -50,6 +50,22 @@ EPS_CONFIG: dict[str, Any] = {
 
 CLASSIFIER_CONFIG: dict[str, Any] = {"channels": [16, 32], "feature_dim": 64, "num_classes": 10}
 
+# The real-image model: a class-conditional flow DiT on Fashion-MNIST (28x28, 49 patches of 4x4), and its classifier.
+FASHION_CONFIG: dict[str, Any] = {
+    **FLOW_CONFIG,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "num_layers": 6,
+    "sample_size": 28,
+    "patch_size": 4,
+}
+FASHION_CLASSIFIER_CONFIG: dict[str, Any] = {
+    "channels": [32, 64],
+    "feature_dim": 128,
+    "num_classes": 10,
+    "image_size": 28,
+}
+
 # Scheduler configs: the flow model's FLUX-like shifted grid, and the DDPM training schedule of the eps model
 # (DDIMScheduler.from_config of it gives the sampler).
 FLOW_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -66,9 +82,11 @@ EPS_SCHEDULER_CONFIG: dict[str, Any] = {
 # The zoo: flow (DiT, velocity), flow_ema (the same DiT trained 2x longer, EMA decay 0.9995), eps (UNet,
 # epsilon prediction) and v (the same UNet, v-prediction); the classifier scores them all.
 V_SCHEDULER_CONFIG: dict[str, Any] = {**EPS_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
-FLOW_MODELS = ("flow", "flow_ema")
+FLOW_MODELS = ("fashion", "flow", "flow_ema")
 UNET_MODELS = ("eps", "v")
-MODEL_NAMES = (*FLOW_MODELS, *UNET_MODELS, "classifier")
+CLASSIFIERS = ("classifier", "fashion_classifier")
+MODEL_NAMES = (*FLOW_MODELS, *UNET_MODELS, *CLASSIFIERS)
+FASHION_MODELS = ("fashion", "fashion_classifier")  # trained on Fashion-MNIST; the others on the 16x16 digits
 
 
 class FlowDiT(DiTTransformer2DModel, CacheMixin):
@@ -82,10 +100,17 @@ class FlowDiT(DiTTransformer2DModel, CacheMixin):
 class DigitClassifier(nn.Module):
     """Two conv-ReLU-maxpool stages, a ``feature_dim`` ReLU layer (the penultimate features) and a linear head.
 
-    Input ``(N, 1, 16, 16)`` in [-1, 1]; :meth:`features` returns ``(N, feature_dim)``, ``forward`` the logits.
+    Input ``(N, 1, image_size, image_size)`` in [-1, 1]; :meth:`features` returns ``(N, feature_dim)``,
+    ``forward`` the logits. The same class scores the digits (16x16) and Fashion-MNIST (28x28).
     """
 
-    def __init__(self, channels: list[int] | tuple[int, int] = (16, 32), feature_dim: int = 64, num_classes: int = 10):
+    def __init__(
+        self,
+        channels: list[int] | tuple[int, int] = (16, 32),
+        feature_dim: int = 64,
+        num_classes: int = 10,
+        image_size: int = 16,
+    ):
         super().__init__()
         c1, c2 = channels
         self.body = nn.Sequential(
@@ -96,7 +121,7 @@ class DigitClassifier(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(c2 * 16, feature_dim),
+            nn.Linear(c2 * (image_size // 4) ** 2, feature_dim),
             nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
@@ -116,15 +141,20 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
         from diffusers import UNet2DModel
 
         return cast(nn.Module, UNet2DModel(**(config or EPS_CONFIG)))
-    if name == "classifier":
-        return DigitClassifier(**(config or CLASSIFIER_CONFIG))
+    if name in CLASSIFIERS:
+        return DigitClassifier(**(config or default_config(name)))
     raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
 
 
 def default_config(name: str) -> dict[str, Any]:
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
-    return FLOW_CONFIG if name in FLOW_MODELS else EPS_CONFIG if name in UNET_MODELS else CLASSIFIER_CONFIG
+    configs = {
+        "fashion": FASHION_CONFIG,
+        "fashion_classifier": FASHION_CLASSIFIER_CONFIG,
+        "classifier": CLASSIFIER_CONFIG,
+    }
+    return configs.get(name, FLOW_CONFIG if name in FLOW_MODELS else EPS_CONFIG)
 
 
 def weights_dir() -> Path:
@@ -174,6 +204,8 @@ def load_eps_model(weights: str | Path | None = None, name: str = "eps") -> nn.M
     return load_model(name, weights)
 
 
-def load_classifier(weights: str | Path | None = None) -> DigitClassifier:
-    """The shipped :class:`DigitClassifier`."""
-    return cast(DigitClassifier, load_model("classifier", weights))
+def load_classifier(weights: str | Path | None = None, name: str = "classifier") -> DigitClassifier:
+    """A shipped :class:`DigitClassifier` (``name`` in ``CLASSIFIERS``: the digits' or Fashion-MNIST's)."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"name must be one of {CLASSIFIERS}, got {name!r}")
+    return cast(DigitClassifier, load_model(name, weights))

@@ -1,10 +1,13 @@
-"""Reproducible training of the demo models on the 16x16 digits.
+"""Reproducible training of the demo models on the 16x16 digits and on Fashion-MNIST.
 
 Usage::
 
-    python -m abcache_examples.train {classifier,flow,flow_ema,eps,v} --out DIR [--steps N] [--seed S] [--threads T]
+    python -m abcache_examples.train {classifier,flow,flow_ema,eps,v,fashion_classifier,fashion} --out DIR
+        [--steps N] [--seed S] [--threads T] [--checkpoint-every N]
 
-Train the classifier first: the diffusion models evaluate their samples with it (read from ``--out``).
+Train the classifier first (``fashion_classifier`` for ``fashion``): the diffusion models evaluate their samples
+with it (read from ``--out``). ``fashion`` and ``fashion_classifier`` read Fashion-MNIST from Debian's
+``dataset-fashion-mnist`` package (``data.load_fashion``; ``$ABCACHE_FASHION_MNIST`` names another folder).
 Everything is seeded (``torch.manual_seed`` and a seeded ``torch.Generator`` for the data order, noise and
 timesteps); AdamW with linear warm-up and cosine decay; the diffusion models keep an EMA of their weights,
 which is what gets saved. Each run writes ``<name>.safetensors`` / ``<name>.json`` and a sample grid PNG.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -27,13 +31,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import load_digits16
-from .models import FLOW_MODELS, NULL_CLASS, build_model, default_config, load_classifier, save_model
+from .data import load_digits16, load_fashion
+from .models import (
+    CLASSIFIERS,
+    FASHION_MODELS,
+    FLOW_MODELS,
+    NULL_CLASS,
+    build_model,
+    default_config,
+    load_classifier,
+    save_model,
+)
 
 LABEL_DROPOUT = 0.1
-DEFAULT_STEPS = {"classifier": 1500, "flow": 3000, "flow_ema": 6000, "eps": 1500, "v": 1500}
-DEFAULT_LR = {"classifier": 2e-3, "flow": 1e-3, "flow_ema": 1e-3, "eps": 5e-4, "v": 5e-4}
-EMA_DECAY = {"flow": 0.999, "flow_ema": 0.9995, "eps": 0.999, "v": 0.999}
+DEFAULT_STEPS = {
+    "classifier": 1500,
+    "flow": 3000,
+    "flow_ema": 6000,
+    "eps": 1500,
+    "v": 1500,
+    "fashion_classifier": 2000,
+    "fashion": 4500,
+}
+DEFAULT_LR = {
+    "classifier": 2e-3,
+    "flow": 1e-3,
+    "flow_ema": 1e-3,
+    "eps": 5e-4,
+    "v": 5e-4,
+    "fashion_classifier": 2e-3,
+    "fashion": 8e-4,
+}
+EMA_DECAY = {"flow": 0.999, "flow_ema": 0.9995, "eps": 0.999, "v": 0.999, "fashion": 0.999}
 BATCH_SIZE = 128
 
 
@@ -79,11 +108,16 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int = 10, scale: int =
     return Path(path)
 
 
+def _data(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model ``name``'s data set: Fashion-MNIST for the fashion models, else the 16x16 digits."""
+    return load_fashion(split) if name in FASHION_MODELS else load_digits16(split)
+
+
 def _loss(
     name: str, model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator, sched
 ) -> torch.Tensor:
     n = x0.shape[0]
-    if name == "classifier":
+    if name in CLASSIFIERS:
         # augmentation: random shifts of up to 1 pixel and a little Gaussian noise
         dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
         x = torch.roll(x0, shifts=(dy, dx), dims=(2, 3))
@@ -107,16 +141,16 @@ def _loss(
 def evaluate(name: str, model: torch.nn.Module, out: Path, seed: int) -> dict[str, float]:
     """Score ``model`` with the classifier in ``out`` and write a sample grid there.
 
-    classifier: held-out accuracy. flow: 100 samples (10 per class), 50 steps, guidance 1-4: accuracy on the
+    classifier: held-out accuracy. flow models (``fashion`` too): 100 samples (10 per class), 50 steps, guidance 1-4: accuracy on the
     requested class, and at guidance 3 the Frechet distance to the test split. eps: 100 DDIM samples, 50 steps:
     Frechet distance to the test split and the classifier's mean top-class probability.
     """
     from .metrics import classifier_accuracy, classifier_features, classifier_logits, frechet_distance
     from .pipelines import ddim_pipeline, flow_pipeline
 
-    classifier = load_classifier(out)
-    test_x, test_y = load_digits16("test")
-    if name == "classifier":
+    classifier = load_classifier(out, "fashion_classifier" if name in FASHION_MODELS else "classifier")
+    test_x, test_y = _data(name, "test")
+    if name in CLASSIFIERS:
         return {"test_accuracy": classifier_accuracy(test_x, test_y, classifier)}
     test_feats = classifier_features(test_x, classifier)
     result: dict[str, float] = {}
@@ -142,7 +176,11 @@ def evaluate(name: str, model: torch.nn.Module, out: Path, seed: int) -> dict[st
     return result
 
 
-def train(name: str, steps: int, seed: int, out: Path, log_every: int = 100) -> dict[str, float]:
+def train(
+    name: str, steps: int, seed: int, out: Path, log_every: int = 100, checkpoint_every: int = 0
+) -> dict[str, float]:
+    """Train ``name`` for ``steps`` steps; write its weights, ``<name>_train.json`` (loss curve, time) and
+    samples to ``out``. ``checkpoint_every > 0`` also saves the EMA weights to ``out/checkpoint`` that often."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     config = default_config(name)
@@ -153,17 +191,18 @@ def train(name: str, steps: int, seed: int, out: Path, log_every: int = 100) -> 
         for module in model.modules():
             if isinstance(module, LabelEmbedding):
                 module.dropout_prob = 0.0  # we drop labels ourselves, once per sample (module docstring)
-    ema = copy.deepcopy(model).requires_grad_(False) if name != "classifier" else None
+    ema = copy.deepcopy(model).requires_grad_(False) if name not in CLASSIFIERS else None
     from diffusers import DDPMScheduler
 
     from .models import EPS_SCHEDULER_CONFIG, V_SCHEDULER_CONFIG
 
     sched = DDPMScheduler(**(V_SCHEDULER_CONFIG if name == "v" else EPS_SCHEDULER_CONFIG))
-    images, labels = load_digits16("train" if name == "classifier" else "all")
+    # the digits' generators see all 1797 digits; Fashion-MNIST keeps its test split for the metrics
+    images, labels = _data(name, "train" if name in CLASSIFIERS or name in FASHION_MODELS else "all")
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     opt = torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR[name], weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
-    start, running = time.time(), []
+    start, running, curve = time.time(), [], []
     for step, idx in enumerate(_batches(len(y_all), steps, gen)):
         loss = _loss(name, model, x_all[idx], y_all[idx], gen, sched)
         opt.zero_grad(set_to_none=True)
@@ -175,14 +214,16 @@ def train(name: str, steps: int, seed: int, out: Path, log_every: int = 100) -> 
             _ema_update(ema, model, step, EMA_DECAY[name])
         running.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(
-                f"{name} step {step + 1}/{steps} loss {np.mean(running[-log_every:]):.4f} {time.time() - start:.0f}s",
-                flush=True,
-            )
+            curve.append((step + 1, float(np.mean(running[-log_every:])), round(time.time() - start, 1)))
+            print(f"{name} step {step + 1}/{steps} loss {curve[-1][1]:.4f} {curve[-1][2]:.0f}s", flush=True)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_model(ema if ema is not None else model, name, config, out / "checkpoint")
     final = ema if ema is not None else model
     final.eval()
     save_model(final, name, config, out)
     result = {"final_loss": float(np.mean(running[-200:])), "train_seconds": time.time() - start}
+    log = {"steps": steps, "seed": seed, "threads": torch.get_num_threads(), "curve": curve, **result}
+    (out / f"{name}_train.json").write_text(json.dumps(log) + "\n")
     result.update(evaluate(name, final, out, seed))
     print(name, result, flush=True)
     return result
@@ -195,12 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output folder (copy into weights/ to ship)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="save the EMA weights to OUT/checkpoint")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps if args.steps is not None else DEFAULT_STEPS[args.model]
     if steps < 1:
         parser.error("--steps must be positive")
-    train(args.model, steps, args.seed, args.out)
+    try:
+        _data(args.model, "test")  # fail before training, with the install hint, when the data set is missing
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    train(args.model, steps, args.seed, args.out, checkpoint_every=args.checkpoint_every)
 
 
 if __name__ == "__main__":

@@ -48,19 +48,17 @@ def init_history(output_like: PyTree, config: abcore.ABConfig) -> History:
         raise TypeError(f"config must be an abcore.ABConfig, got {type(config).__name__}")
     order = config.order
     outputs = jax.tree.map(lambda leaf: jnp.zeros((order, *leaf.shape), leaf.dtype), output_like)
-    return History(outputs, abcore.init_state(config, config.max_run, xp=jnp, dtype=time_dtype()))
+    return History(outputs, abcore.begin(config, xp=jnp, dtype=time_dtype()))
 
 
-def push(history: History, output: PyTree, node: Any) -> History:
-    """Record a computed output at abscissa `node`: it becomes H_0, the oldest drops out.
-
-    The rule state follows `abcore.after_computed` (the pending predicted steps are cleared).
-    """
+def push(outputs: PyTree, output: PyTree) -> PyTree:
+    """The output buffer with a computed `output` as H_0 and the oldest dropped (the rule state is advanced
+    separately, by `abcore.complete`)."""
 
     def shift(buffer: jax.Array, new: jax.Array) -> jax.Array:
         return jnp.concatenate([jnp.asarray(new, buffer.dtype)[None], buffer[:-1]], axis=0)
 
-    return History(jax.tree.map(shift, history.outputs, output), abcore.after_computed(history.rule, node, xp=jnp))
+    return jax.tree.map(shift, outputs, output)
 
 
 def weighted_sum(outputs: PyTree, weights: Any) -> PyTree:

@@ -1,11 +1,12 @@
 """`sample`: a jit-compiled AB-Cache sampling loop that executes abcore's step rule in a `lax.scan`.
 
-One scan step i, with t = grid[i], node = abcore.node_of(config, i, t) and the rule state r:
+One scan step i, with t = grid[i], the run's `abcore.Schedule` s and the rule state r:
 
-    d = abcore.decide(config, r, node, forced_i)      forced = config.forced_mask(n), static
-    predicted:  out_i = sum_j w_j H_j                 w = d.weights (Eq. 3.5), if accepted and finite
+    d = abcore.decide(s, r, i, t)                     compute flag, weights w, e, c
+    predicted:  out_i = sum_j w_j H_j                 Eq. 3.5, if `abcore.joint` accepts and finite
     computed:   f = model_fn(params, x_i, t)
-                out_i = f + sum_l c_l [f, H_0, ..]_l  c = abcore.correction_weights (when correcting)
+                out_i = f + sum_l c_l [f, H_0, ..]_l  c = d.correction (the correction, with steps)
+    r = abcore.complete(s, r, i, computed, t)
     x_{i+1} = step_fn(x_i, out_i, t, grid[i + 1])
 
 where H is the `History` of raw computed outputs, newest first. Every decision and weight comes from
@@ -25,23 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import abcore
 import jax
 import jax.numpy as jnp
 import numpy as np
-from abcore import (
-    ABConfig,
-    CachePlan,
-    LinearSteps,
-    accept_prediction,
-    after_predicted,
-    as_grid,
-    check_steps,
-    correction_weights,
-    decide,
-    make_plan,
-    node_of,
-)
+from abcore import ABConfig, CachePlan, LinearSteps, as_grid, make_plan
 from jax import lax
+from jax._src import core as _jax_core
 
 from abcache_jax._history import (
     History,
@@ -93,18 +84,16 @@ class _Spec:
 
     step_fn: StepFn | None
     config: ABConfig
-    grid: np.ndarray  # (n + 1,)
-    a: np.ndarray  # (n,) step coefficients, ones without steps
-    b: np.ndarray
-    correct: bool
+    grid: Any  # (n + 1,) numpy, or a traced array (then the spec is never a cache key)
+    steps: LinearSteps | None
     unroll: int | bool
     check_finite: bool
     keep_outputs: bool
 
     @property
     def key(self) -> tuple:
-        arrays = tuple(v.tobytes() for v in (self.grid, self.a, self.b))
-        return (self.step_fn, self.config, *arrays, self.correct, self.unroll, self.check_finite, self.keep_outputs)
+        grid = self.grid.tobytes()
+        return (self.step_fn, self.config, grid, self.steps, self.unroll, self.check_finite, self.keep_outputs)
 
 
 # Compiled programs per model owner: id(owner) -> (weak reference to owner, {key: jitted program}).
@@ -189,6 +178,8 @@ def _run(owner_ref: Callable[[], Any], func: Any, spec: _Spec, params: PyTree, x
     config = spec.config
     dtype = time_dtype()
     grid = jnp.asarray(spec.grid, dtype)
+    n = grid.shape[0] - 1
+    sched = abcore.schedule(config, None, spec.steps, num_steps=n)  # the times come from the (maybe traced) grid
 
     def step_fn(x: PyTree, out: PyTree, t: jax.Array, t_next: jax.Array, a: Any = 1.0, b: Any = 1.0) -> PyTree:
         return linear_step(x, out, a, b) if spec.step_fn is None else spec.step_fn(x, out, t, t_next)
@@ -199,63 +190,75 @@ def _run(owner_ref: Callable[[], Any], func: Any, spec: _Spec, params: PyTree, x
 
     def body(carry: tuple[PyTree, History], step: tuple) -> tuple[tuple[PyTree, History], tuple]:
         x, history = carry
-        i, t, t_next, forced, a, b = step
-        node = node_of(config, i, t)
-        decision = decide(config, history.rule, node, forced, xp=jnp)
+        i, t, t_next = step
+        decision = abcore.decide(sched, history.rule, i, t, xp=jnp)
 
-        def attempt(history: History) -> tuple[PyTree, jax.Array]:
-            pred = _cast(weighted_sum(history.outputs, decision.weights), out_shape)
+        def attempt(outputs: PyTree) -> tuple[PyTree, jax.Array]:
+            pred = _cast(weighted_sum(outputs, decision.weights), out_shape)
             ok = jnp.asarray(True)
             if config.adaptive:
-                delta = weighted_sum(history.outputs, decision.error_weights)
-                ok = accept_prediction(sum_of_squares(delta), sum_of_squares(pred), tolerance, xp=jnp)
+                delta = weighted_sum(outputs, decision.error_weights)
+                ok = abcore.joint(sum_of_squares(delta), sum_of_squares(pred), tolerance, xp=jnp)
             if spec.check_finite:  # a non-finite prediction computes instead, as in abcore.sample
                 ok = ok & all_finite(pred)
             return pred, ok
 
-        def skip(history: History) -> tuple[PyTree, jax.Array]:
+        def skip(outputs: PyTree) -> tuple[PyTree, jax.Array]:
             return zeros, jnp.asarray(False)
 
-        pred, ok = lax.cond(any_over_batch(decision.compute), skip, attempt, history)
+        pred, ok = lax.cond(any_over_batch(decision.compute), skip, attempt, history.outputs)
 
-        def run_model(operand: tuple[PyTree, History]) -> tuple[PyTree, History]:
-            x, history = operand
+        def run_model(outputs: PyTree) -> tuple[PyTree, PyTree]:
             f = _cast(model_fn(params, x, t), out_shape)
-            out = f
-            if spec.correct:
-                out = _corrected(f, history.outputs, correction_weights(config, history.rule, node, a, b, xp=jnp))
-            return out, push(history, f, node)
+            out = _corrected(f, outputs, decision.correction) if sched.correct else f
+            return out, push(outputs, f)
 
-        def use_prediction(operand: tuple[PyTree, History]) -> tuple[PyTree, History]:
-            history = operand[1]
-            return pred, history._replace(rule=after_predicted(history.rule, node, a, b, xp=jnp))
+        def use_prediction(outputs: PyTree) -> tuple[PyTree, PyTree]:
+            return pred, outputs
 
         compute = any_over_batch(~ok)
-        out, history = lax.cond(compute, run_model, use_prediction, (x, history))
-        x_next = step_fn(x, out, t, t_next, a, b)
+        out, outputs = lax.cond(compute, run_model, use_prediction, history.outputs)
+        history = History(outputs, abcore.complete(sched, history.rule, i, compute, t, xp=jnp))
+        x_next = step_fn(x, out, t, t_next, *sched.coefficients(i, jnp))
         return (x_next, history), (compute, out if spec.keep_outputs else None)
 
-    n = grid.shape[0] - 1
-    xs = (
-        jnp.arange(n, dtype=dtype),
-        grid[:-1],
-        grid[1:],
-        jnp.asarray(config.forced_mask(n)),
-        jnp.asarray(spec.a, dtype),
-        jnp.asarray(spec.b, dtype),
-    )
+    xs = (jnp.asarray(np.arange(n)), grid[:-1], grid[1:])  # a literal (not an iota): unrolled, XLA folds the flags
     carry = (x, init_history(out_shape, config))
     (x, _), (computed, outputs) = lax.scan(body, carry, xs, unroll=spec.unroll)
     return Trajectory(x, computed, outputs)
 
 
-def _concrete_grid(grid: Any) -> np.ndarray:
-    if isinstance(grid, jax.core.Tracer):
+def _grid(grid: Any, config_or_plan: ABConfig | CachePlan) -> Any:
+    """The n + 1 grid values: a validated float64 numpy array, or a traced array checked for shape only.
+
+    The scan reads the grid as data (each step's node, and the times model_fn and step_fn get), so a
+    traced grid works in every mode; its values cannot be checked at trace time (they must be finite
+    and strictly monotonic), nor can a `CachePlan` be checked against them.
+    """
+    if not isinstance(grid, jax.core.Tracer):
+        return as_grid(grid, "grid")
+    if isinstance(config_or_plan, CachePlan):
         raise ValueError(
-            "grid must be concrete (a numpy array, list or concrete jax array): the schedule is built "
-            "from it at trace time; close over it instead of passing it as a traced argument"
+            "config_or_plan: a CachePlan is checked against the grid's values, but grid is a traced array; "
+            "pass plan.config, or a concrete grid (close over it)"
         )
-    return as_grid(grid, "grid")
+    real = jnp.issubdtype(grid.dtype, jnp.floating) or jnp.issubdtype(grid.dtype, jnp.integer)
+    if grid.ndim != 1 or grid.shape[0] < 2 or not real:
+        raise ValueError(f"grid must be a 1-D real array of n + 1 >= 2 values, got a traced {grid.dtype}{grid.shape}")
+    return grid
+
+
+def _under_a_trace(*trees: PyTree) -> bool:
+    """True when sample runs under an outer jit / vmap / grad trace, or is handed a tracer.
+
+    A cached program that is called again under another outer trace would reuse the trace of its
+    first call, with the tracers its model_fn closed over then (an UnexpectedTracerError), so the
+    program cache is used only at the top level.
+    """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees)):
+        return True
+    trace_state_clean = getattr(_jax_core, "trace_state_clean", None)  # jax has no public name for it
+    return trace_state_clean is None or not trace_state_clean()
 
 
 def _resolve(config_or_plan: ABConfig | CachePlan, g: np.ndarray, steps: LinearSteps | None) -> ABConfig:
@@ -302,18 +305,22 @@ def sample(
     in float64): out_i = model_fn(params, x_i, grid[i]) at computed steps, the extrapolation
     sum_j w_j H_j through the last k computed outputs (Eq. 3.5, error O(h^k)) at predicted ones;
     a non-finite prediction, or in adaptive mode (``config.tolerance``) one whose embedded error
-    estimate fails `abcore.accept_prediction` (sums over the whole, possibly sharded, batch),
+    estimate fails `abcore.joint` (sums over the whole, possibly sharded, batch),
     computes instead. With `steps` the predicted steps are corrected (``config.correct``): the
-    output of computed step n is f_n + sum_l c_l [f_n, H]_l, c = `abcore.correction_weights`.
+    output of computed step n is f_n + sum_l c_l [f_n, H]_l, c = `abcore.theory.correction_weights`.
 
     Args:
         model_fn: ``model_fn(params, x, t) -> output pytree`` (e.g. ``module.apply``); traced once
             per schedule. A single-array output must be shaped like x. The compiled programs are
-            cached per function (per module for a bound method) and freed with it.
+            cached per function (per module for a bound method) and freed with it. Under an outer
+            ``jit`` / ``vmap`` / ``grad`` trace the loop is traced inline instead (model_fn may close
+            over that trace's values; the outer program is the one compiled and cached).
         params: passed to model_fn unchanged (traced, so new weights do not recompile).
         x: the initial sample, an array or pytree; its sharding is kept.
-        grid: the n + 1 concrete sampler times on the rule's abscissa (sigma for flow matching,
+        grid: the n + 1 sampler times on the rule's abscissa (sigma for flow matching,
             lambda = log(alpha / sigma) for eps models); the model is never called at the last.
+            Under an outer trace it may be a traced array (then only its shape is checked, and
+            ``config_or_plan`` must be an `abcore.ABConfig`).
         step_fn: ``step_fn(x, out, t, t_next) -> x_next`` with x's shapes and dtypes
             (`flow_euler_step`, `ddim_eps_step`), or None for ``steps``' own a x + b out.
         config_or_plan: an `abcore.ABConfig` (fixed or adaptive) or the `abcore.CachePlan` of
@@ -333,20 +340,19 @@ def sample(
         `Trajectory(x, computed, outputs)`.
 
     Raises:
-        ValueError: naming the parameter, for a bad grid (not real, not 1-D, non-monotonic,
-            traced), steps of the wrong length, correct=True without steps, a schedule that does
-            not fit the grid, or model_fn / step_fn outputs that do not fit x.
+        ValueError: naming the parameter, for a bad grid (not real, not 1-D, non-monotonic), a
+            traced grid with a `CachePlan`, steps of the wrong length, correct=True without steps,
+            a schedule that does not fit the grid, or model_fn / step_fn outputs that do not fit x.
     """
-    g = _concrete_grid(grid)
-    n = g.size - 1
-    check_steps(steps, n)
+    g = _grid(grid, config_or_plan)
+    n = g.shape[0] - 1
     config = _resolve(config_or_plan, g, steps)
-    correct = config.corrects(steps is not None)
-    config.check_num_steps(n)
+    abcore.schedule(config, None, steps, num_steps=n)  # checks the steps, the schedule's fit and correct=True
     if step_fn is None and steps is None:
         raise ValueError("step_fn is required unless steps=abcore.LinearSteps(...) gives the step")
     if not isinstance(check_finite, bool) or not isinstance(keep_outputs, bool):
         raise ValueError(f"check_finite and keep_outputs must be bools, got {check_finite!r}, {keep_outputs!r}")
-    a, b = (steps.a, steps.b) if steps is not None else (np.ones(n), np.ones(n))
-    spec = _Spec(step_fn, config, g, a, b, correct, unroll, check_finite, keep_outputs)
+    spec = _Spec(step_fn, config, g, steps, unroll, check_finite, keep_outputs)
+    if _under_a_trace(params, x, g):  # traced inline: the outer trace owns the program
+        return _run(functools.partial(lambda f: f, model_fn), None, spec, params, x)
     return _program(model_fn, spec)(params, x)

@@ -1,6 +1,6 @@
 """A variable-step Adams-Bashforth solver for diffrax (extra ``diffrax``: ``pip install "abcache-jax[diffrax]"``).
 
-The weights are abcore's (`abcore.multistep_weights` on `jax.numpy`); this module only keeps the
+The weights are abcore's (`abcore.theory.multistep_weights` on `jax.numpy`); this module only keeps the
 history and plumbs diffrax's solver interface.
 """
 
@@ -22,21 +22,27 @@ MAX_ORDER = 5  # the RK4 start-up (local error O(h^5)) keeps the global order k 
 
 
 class AdamsBashforth(diffrax.AbstractSolver):
-    """Variable-step Adams-Bashforth-k for `diffrax.ODETerm` (AB-Cache paper, Appendix A).
+    """Variable-step Adams-Bashforth-k for ODE terms (AB-Cache paper, Appendix A).
 
     Step n over [t_n, t_{n+1}] with the last k step starts t_n, t_{n-1}, ..., t_{n-k+1}:
 
         y_{n+1} = y_n + sum_{j<k} w_j f(t_{n-j}, y_{n-j}),   w_j = integral_{t_n}^{t_{n+1}} l_j(t) dt,
 
     l_j the Lagrange basis through those times, so the weights fit arbitrary non-uniform steps
-    (`abcore.multistep_weights`; on equal steps w = h * `abcore.theory.adams_bashforth_weights(k)`).
+    (`abcore.theory.multistep_weights`; on equal steps w = h * `abcore.theory.adams_bashforth_weights(k)`).
     Local error O(h^(k+1)), global order k, one vector-field evaluation per step. Start-up: the first
     k - 1 steps after the start or a jump (``made_jump``) are classical RK4 steps (local error O(h^5),
     three extra evaluations each), so the global order is k for k = 1..5. AB-1 is `diffrax.Euler`.
 
+    The terms are any whose control is the time step (``contr(t0, t1) = t1 - t0``): a
+    `diffrax.ODETerm`, or the adjoint term `diffrax.BacksolveAdjoint` solves backwards with this
+    solver (so ``term_structure`` is `diffrax.AbstractTerm`, like diffrax's own ODE solvers).
     No error estimate, so use it with `diffrax.ConstantStepSize` or `diffrax.StepTo` (adaptive
-    controllers raise). Dense output is linear between steps. To resume a solve after a jump, pass
-    ``made_jump`` as an array (as `SaveAt(made_jump=True)` returns it): diffrax 0.7.2 applies a Python
+    controllers raise). Dense output (``SaveAt(ts=...)``, ``sol.evaluate``) is the linear
+    interpolation y(t) = y_n + (t - t_n) / (t_{n+1} - t_n) (y_{n+1} - y_n) between step endpoints:
+    degree 1, interpolation error O(h^2) whatever k; for order k save at step times
+    (``StepTo(ts=...)`` through them). To resume a solve after a jump, pass ``made_jump`` as an
+    array (as `SaveAt(made_jump=True)` returns it): diffrax 0.7.2 applies a Python
     ``made_jump=True`` to every step, which makes every step an RK4 step.
 
         solver = AdamsBashforth(3)
@@ -48,7 +54,7 @@ class AdamsBashforth(diffrax.AbstractSolver):
 
     k: int = eqx.field(static=True)
 
-    term_structure: ClassVar = diffrax.ODETerm
+    term_structure: ClassVar = diffrax.AbstractTerm
     interpolation_cls: ClassVar[Callable[..., diffrax.LocalLinearInterpolation]] = diffrax.LocalLinearInterpolation
 
     def __init__(self, order: int) -> None:
@@ -82,7 +88,7 @@ class AdamsBashforth(diffrax.AbstractSolver):
         control = terms.contr(t0, t1)
 
         def adams_bashforth() -> PyTree:  # slope = sum_j (w_j / h) f_{n-j}
-            c = abcore.multistep_weights(ts, t0, t1, xp=jnp) / _step(t0, t1)
+            c = abcore.theory.multistep_weights(ts, t0, t1, xp=jnp) / _step(t0, t1)
             return jax.tree.map(
                 lambda b: jnp.tensordot(c.astype(b.dtype), b, axes=1, precision=jax.lax.Precision.HIGHEST), fs
             )

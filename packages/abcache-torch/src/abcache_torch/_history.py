@@ -24,7 +24,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def extrapolate(history: Sequence[Sequence[torch.Tensor]], weights: Any) -> list[torch.Tensor]:
+def weighted_sum(history: Sequence[Sequence[torch.Tensor]], weights: Any) -> list[torch.Tensor]:
     """sum_j weights[j] * history[j][leaf] for every leaf, accumulated in float32 (float64 for float64).
 
     history: the stored outputs newest first, each a list of tensor leaves; weights: a 1-D
@@ -58,12 +58,9 @@ def _leaves(output: Any) -> tuple[list[torch.Tensor], TreeDef, Hashable]:
     leaves, treedef = flatten(output)
     if not leaves:
         raise TypeError(
-            "output: the model output must be a tensor or a tuple / list / dict / dataclass holding tensors, "
-            f"got {type(output).__name__}"
+            "output: the model output must be a floating-point tensor or a tuple / list / dict / dataclass holding "
+            f"one, got {type(output).__name__}"
         )
-    for leaf in leaves:
-        if not (leaf.is_floating_point() or leaf.is_complex()):
-            raise TypeError(f"output: tensor leaves must be floating point or complex to extrapolate, got {leaf.dtype}")
     signature = (treedef.spec, tuple((leaf.shape, leaf.dtype, leaf.device) for leaf in leaves))
     return leaves, treedef, signature
 
@@ -102,7 +99,7 @@ class History:
 
     def predict_leaves(self, weights: Any) -> list[torch.Tensor]:
         """The leaves of sum_j w_j H_j (`weights`: floats or a device tensor row, at least len(self) entries)."""
-        return extrapolate(self.entries, weights)
+        return weighted_sum(self.entries, weights)
 
     def unflatten(self, leaves: list[torch.Tensor]) -> Any:
         """`leaves` rebuilt into the structure of the stored outputs."""
@@ -120,4 +117,4 @@ class History:
         """
         leaves, treedef, _ = _leaves(output)
         c = [float(w) for w in weights]
-        return treedef.unflatten(extrapolate([leaves, *self.entries], [1.0 + c[0], *c[1:]]))
+        return treedef.unflatten(weighted_sum([leaves, *self.entries], [1.0 + c[0], *c[1:]]))

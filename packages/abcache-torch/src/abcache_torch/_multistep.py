@@ -47,6 +47,11 @@ def sample_lms(
     for the signature; there is no progress bar.
     """
     grid = abcore.as_grid(sigmas, "sigmas")
+    if not (grid[:-1] > 0).all():  # the model runs at every sigma but the last, and d divides by it
+        raise ValueError(
+            "sigmas: LMS divides by sigma at every step, so every sigma but the last must be > 0 (k-diffusion's "
+            f"schedules decrease to 0), got {grid.tolist()}"
+        )
     weights = abcore.multistep_table(grid, order).tolist()
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])

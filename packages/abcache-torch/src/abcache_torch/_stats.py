@@ -29,6 +29,15 @@ class ContextStats:
         if self.max_error is None or error > self.max_error:
             self.max_error = error
 
+    def __add__(self, other: ContextStats) -> ContextStats:
+        errors = [e for e in (self.max_error, other.max_error) if e is not None]
+        return ContextStats(
+            self.computed + other.computed,
+            self.predicted + other.predicted,
+            self.fallbacks + other.fallbacks,
+            max(errors) if errors else None,
+        )
+
 
 class CacheStats:
     """Counters of a cache, per context and aggregated.
@@ -49,6 +58,14 @@ class CacheStats:
     @property
     def contexts(self) -> dict[str, ContextStats]:
         return dict(self._contexts)
+
+    def __add__(self, other: CacheStats) -> CacheStats:
+        """The counters of both, added context by context."""
+        total = CacheStats()
+        for source in (self, other):
+            for name, counters in source._contexts.items():
+                total._contexts[name] = total._contexts.get(name, ContextStats()) + counters
+        return total
 
     @property
     def computed(self) -> int:

@@ -1,7 +1,6 @@
 """`sample`: `abcore.sample` in PyTorch, and two sampler steps (flow-matching Euler, DDIM on lambda).
 
-The grid is announced to a `CacheEngine` before the loop, so a fixed config runs `abcore.make_plan`'s
-table and the loop reads no time back from the device.
+The loop runs one `ContextState` on the grid's `abcore.Schedule`: it reads no time back from the device.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import abcore
 import numpy as np
 import torch
 
-from abcache_torch._engine import CacheEngine
+from abcache_torch._state import ContextState
 
 ModelFn = Callable[[torch.Tensor, float], Any]
 StepFn = Callable[[torch.Tensor, Any, float, float], torch.Tensor]
@@ -28,13 +27,14 @@ def flow_euler_step(x: torch.Tensor, out: torch.Tensor, t: float, t_next: float)
 def ddim_eps_step(x: torch.Tensor, eps: torch.Tensor, lam: float, lam_next: float) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) for an eps-prediction on the half log-SNR lambda = log(alpha / sigma).
 
-    alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda) (variance preserving);
-    x0 = (x - sigma eps) / alpha, x_next = alpha' x0 + sigma' eps (``LinearSteps.ddim(..., "epsilon")``).
+    x_next = alpha' x0 + sigma' eps with x0 = (x - sigma eps) / alpha, written as the first-order DPM-Solver
+    update x_next = (alpha'/alpha) x - sigma' (e^h - 1) eps, h = lambda' - lambda (the same formula as
+    ``abcache_jax.ddim_eps_step``); alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda) (variance
+    preserving); ``LinearSteps.ddim(..., "epsilon")`` has its coefficients.
     """
-    alpha, sigma = (1.0 / (1.0 + math.exp(-2.0 * lam))) ** 0.5, (1.0 / (1.0 + math.exp(2.0 * lam))) ** 0.5
+    alpha = (1.0 / (1.0 + math.exp(-2.0 * lam))) ** 0.5
     alpha1, sigma1 = (1.0 / (1.0 + math.exp(-2.0 * lam_next))) ** 0.5, (1.0 / (1.0 + math.exp(2.0 * lam_next))) ** 0.5
-    x0 = (x - sigma * eps) / alpha
-    return alpha1 * x0 + sigma1 * eps
+    return (alpha1 / alpha) * x - sigma1 * math.expm1(lam_next - lam) * eps
 
 
 @torch.no_grad()
@@ -48,6 +48,7 @@ def sample(
     steps: abcore.LinearSteps | None = None,
     callback: Callable[[int, torch.Tensor, Any], None] | None = None,
     check_finite: bool = True,
+    process_group: Any = None,
 ) -> abcore.Trajectory:
     """`abcore.sample` with torch tensors: x_{i+1} = step_fn(x_i, out_i, grid[i], grid[i+1]).
 
@@ -56,21 +57,24 @@ def sample(
     (``config.correct``), and the extrapolation sum_j w_j H_j (Eq. 3.5) at predicted ones. With
     `steps` and no `step_fn` the step is a_i x_i + b_i out_i. `check_finite`: a non-finite
     prediction falls back to a model call, as in the reference (one boolean read per predicted
-    step; False removes it). Returns ``abcore.Trajectory(x, computed, outputs)``.
+    step; False removes it). `process_group`: the ``torch.distributed`` group whose ranks sample one batch
+    split between them and must decide alike (the finite check and the adaptive sums are all-reduced), or
+    None (default): no collective call. Returns ``abcore.Trajectory(x, computed, outputs)``.
     """
     t = abcore.as_grid(grid)
     n = t.size - 1
     if step_fn is None and steps is None:
         raise ValueError("step_fn is required unless steps=LinearSteps(...) gives the step")
-    engine = CacheEngine(config, t[:-1], steps=steps, check_finite=check_finite)
-    engine.validate()
+    state = ContextState(abcore.schedule(config, t[:-1], steps), check_finite=check_finite, process_group=process_group)
     computed = np.zeros(n, dtype=bool)
     outputs = []
     for i in range(n):
-        predicted, out = engine.predict(None)
-        if not predicted:
-            out = engine.store(model_fn(x, float(t[i])))
+        leaves = state.predict(i)
+        if leaves is None:
+            out = state.record(i, model_fn(x, float(t[i])))
             computed[i] = True
+        else:
+            out = state.skip(i, leaves)
         outputs.append(out)
         if step_fn is None:
             x = float(steps.a[i]) * x + float(steps.b[i]) * out  # type: ignore[union-attr]

@@ -3,7 +3,8 @@
 Handled containers: tensors, tuples (named ones included), lists, dicts (any Mapping built
 from its items, `OrderedDict` included) and dataclass instances, which covers diffusers'
 `ModelOutput` (an `OrderedDict` subclass that is also a dataclass: rebuilt from its init
-fields). Anything else (None, numbers, strings) is a constant carried through unchanged.
+fields). Floating-point and complex tensors are the leaves; anything else (None, numbers, strings, integer or
+bool tensors) is a constant carried through unchanged.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def flatten(obj: Any) -> tuple[list[torch.Tensor], TreeDef]:
 
 
 def _flatten(obj: Any, leaves: list[torch.Tensor]) -> TreeDef:
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
         leaves.append(obj)
         return TreeDef("leaf", None, (), ())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -59,9 +59,13 @@ class ABConfig:
             to the last computed outputs as if they were consecutive (for comparison; fixed
             schedule only).
         correct: correct the predicted steps once the next output is computed (see
-            `abcore.correction_weights`): True needs the sampler's `LinearSteps`; None
+            `abcore.theory.correction_weights`): True needs the sampler's `LinearSteps`; None
             (default) corrects whenever they are given; False never.
     """
+
+    WEIGHTINGS: ClassVar[tuple[str, ...]] = WEIGHTINGS
+    ABSCISSAS: ClassVar[tuple[str, ...]] = ABSCISSAS
+    PREDICTORS: ClassVar[tuple[str, ...]] = PREDICTORS
 
     order: int = 2
     interval: int = 5
@@ -114,7 +118,7 @@ class ABConfig:
             )
         if self.predictor == "binomial" and self.tolerance is not None:
             raise ValueError("predictor='binomial' needs the fixed schedule (tolerance=None)")
-        if self.correct not in (None, True, False):
+        if self.correct is not None and not isinstance(self.correct, (bool, np.bool_)):
             raise ValueError(f"correct must be True, False or None (when the steps are known), got {self.correct!r}")
         if self.correct is True and self.predictor == "binomial":
             raise ValueError(

@@ -1,22 +1,21 @@
-"""`make_plan`: the step rule folded over a known grid, as tables an adapter can execute.
+"""`make_plan`: the step rule folded over a known grid, as tables to inspect or to execute.
 
 The rule (`abcore._rule`) is the one source of every decision and weight; a plan is its fold over
 the step times when the schedule does not depend on the data (fixed mode): row i of `weights`
-is what `decide` returns at step i, row i of `corrections` what `correction_weights` returns.
+and of `corrections` is what `decide` returns at step i.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from abcore._config import ABConfig
-from abcore._rule import after_computed, after_predicted, correction_weights, decide, init_state, node_of
+from abcore._rule import Schedule, begin, complete, decide, schedule
 from abcore._steps import LinearSteps
-from abcore._validate import as_times
 
 # Measured on the zoo (50 steps, last 4 computed, corrected): order 3 / interval 6 (31x) keeps 48-52 dB on every
 # model; order 3 / interval 8 (71x) falls to 30-36 dB and order 4 / interval 5 (155x) to 17 dB.
@@ -59,16 +58,6 @@ class CachePlan:
         return float(np.abs(self.weights).sum(axis=1).max(initial=0.0))
 
 
-def check_steps(steps: LinearSteps | None, num_steps: int) -> None:
-    """Raise TypeError unless `steps` is None or a `LinearSteps`, ValueError unless it has `num_steps` entries."""
-    if steps is None:
-        return
-    if not isinstance(steps, LinearSteps):
-        raise TypeError(f"steps must be an abcore.LinearSteps or None, got {type(steps).__name__}")
-    if steps.num_steps != num_steps:
-        raise ValueError(f"steps has {steps.num_steps} entries but the grid has {num_steps} steps")
-
-
 def make_plan(config: ABConfig, times: Any, steps: LinearSteps | None = None) -> CachePlan:
     """The fixed-schedule plan of `config` on the call times `times` (n values, one per model call).
 
@@ -82,15 +71,15 @@ def make_plan(config: ABConfig, times: Any, steps: LinearSteps | None = None) ->
         raise ValueError(
             "make_plan needs a fixed schedule; tolerance is set (adaptive mode): run the rule step by step"
         )
-    t = as_times(times, "times")
+    if times is None:
+        raise ValueError("times must hold the n call times of the run, got None")
+    sched = schedule(config, times, steps)
+    t = cast(np.ndarray, sched.times)
     n = t.size
-    forced = config.forced_mask(n)
-    check_steps(steps, n)
-    correct = config.corrects(steps is not None)
     key = (config, t.tobytes(), None if steps is None else (steps.a.tobytes(), steps.b.tobytes()))
     plan = _PLANS.get(key)  # a pipeline announces the same grid at every generation
     if plan is None:
-        plan = _fold(config, t.copy(), forced, steps, correct)
+        plan = _fold(sched)
         if len(_PLANS) >= 64:
             _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = plan
@@ -105,30 +94,26 @@ def make_plan(config: ABConfig, times: Any, steps: LinearSteps | None = None) ->
     return plan
 
 
-def _fold(config: ABConfig, t: np.ndarray, forced: np.ndarray, steps: LinearSteps | None, correct: bool) -> CachePlan:
-    """The rule folded over the grid `t` (the body of `make_plan`)."""
-    n = t.size
-    order = config.order
+def _fold(sched: Schedule) -> CachePlan:
+    """The rule folded over the schedule's steps (the body of `make_plan`)."""
+    n, order = cast(int, sched.num_steps), sched.config.order
     compute = np.zeros(n, dtype=bool)
     weights = np.zeros((n, order))
     corrections = np.zeros((n, order + 1))
     sources = np.full((n, order), -1, dtype=np.int64)
-    state = init_state(config, config.max_run)
+    state = begin(sched)
     history: list[int] = []
     for i in range(n):
-        node = node_of(config, float(i), t[i])
-        decision = decide(config, state, node, forced[i])
+        decision = decide(sched, state, i)
         sources[i, : len(history)] = history
-        if decision.compute:
-            compute[i] = True
-            if correct and steps is not None:
-                corrections[i] = correction_weights(config, state, node, steps.a[i], steps.b[i])
-            state = after_computed(state, node)
+        compute[i] = bool(decision.compute)
+        if compute[i]:
+            corrections[i] = decision.correction
             history = [i, *history][:order]
         else:
             weights[i] = decision.weights
-            a, b = (steps.a[i], steps.b[i]) if steps is not None else (1.0, 1.0)
-            state = after_predicted(state, node, a, b)
-    for array in (t, compute, weights, corrections, sources):
+        state = complete(sched, state, i, compute[i])
+    times = cast(np.ndarray, sched.times).copy()
+    for array in (times, compute, weights, corrections, sources):
         array.flags.writeable = False  # plans are shared between callers (the cache in make_plan)
-    return CachePlan(config, t, compute, weights, corrections, sources)
+    return CachePlan(sched.config, times, compute, weights, corrections, sources)

@@ -8,16 +8,7 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 
 from abcore._config import ABConfig
-from abcore._plan import check_steps
-from abcore._rule import (
-    accept_prediction,
-    after_computed,
-    after_predicted,
-    correction_weights,
-    decide,
-    init_state,
-    node_of,
-)
+from abcore._rule import begin, complete, decide, joint, schedule
 from abcore._steps import LinearSteps
 from abcore._validate import as_grid
 
@@ -58,39 +49,31 @@ def sample(
     """
     t = as_grid(grid)
     n = t.size - 1
-    check_steps(steps, n)
     if step_fn is None and steps is None:
         raise ValueError("step_fn is required unless steps=LinearSteps(...) gives the step")
-    correct = config.corrects(steps is not None)
-    forced = config.forced_mask(n)
+    sched = schedule(config, t[:-1], steps)
     x = np.asarray(x)
-    state = init_state(config, config.max_run)
+    state = begin(sched)
     history: list[np.ndarray] = []
     computed = np.zeros(n, dtype=bool)
     outputs: list[np.ndarray] = []
     for i in range(n):
-        node = node_of(config, float(i), t[i])
-        decision = decide(config, state, node, forced[i])
+        decision = decide(sched, state, i)
         out = None
         if not decision.compute:
             out = _weighted(decision.weights, history)
             if config.tolerance is not None:
                 delta = _weighted(decision.error_weights, history)
-                if not accept_prediction(np.sum(delta**2), np.sum(out**2), config.tolerance):
+                if not joint(np.sum(delta**2), np.sum(out**2), config.tolerance):
                     out = None
             if out is not None and not np.all(np.isfinite(out)):
                 out = None
-        a, b = (float(steps.a[i]), float(steps.b[i])) if steps is not None else (1.0, 1.0)
         if out is None:
             f = np.asarray(model_fn(x, float(t[i])))
-            out = f
-            if correct:
-                out = f + _weighted(correction_weights(config, state, node, a, b), [f, *history])
+            out = f + _weighted(decision.correction, [f, *history]) if sched.correct else f
             history = [f, *history][: config.order]
-            state = after_computed(state, node)
             computed[i] = True
-        else:
-            state = after_predicted(state, node, a, b)
+        state = complete(sched, state, i, computed[i])
         outputs.append(out)
         if step_fn is None:
             x = cast(LinearSteps, steps).apply(i, x, out)

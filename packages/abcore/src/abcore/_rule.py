@@ -1,15 +1,17 @@
-"""The step rule: one array function that every executor runs (numpy here, `jax.numpy` in a scan).
+"""The step rule: one transition per step that every executor runs (numpy here, `jax.numpy` in a scan).
 
-A cache context carries a `RuleState`: the abscissae of its last ``order`` computed outputs H_0..H_{k-1}
-(newest first) and of the steps predicted since the last computed one. At each step, with `node` the
-step's abscissa (its time, or its index for ``abscissa="index"``):
+`schedule(config, times, steps)` computes once per grid what does not depend on the data: each step's
+abscissa (its time, or its index for ``abscissa="index"``), whether the schedule forces it to compute, and
+its step coefficients. A cache context carries a `RuleState` (`begin`): the abscissae of its last ``order``
+computed outputs H_0..H_{k-1} (newest first) and of the steps predicted since the last computed one.
+At step i an executor calls
 
-- `decide` says whether the step must compute and gives the prediction weights w (Eq. 3.5:
-  f^ = sum_j w_j H_j, the Lagrange extrapolation through the stored outputs, error O(h^k)) and the
-  embedded error weights e (sum_j e_j H_j = p_k - p_{k-1}, the adaptive test);
-- after a predicted step, `after_predicted` appends the step to the pending list;
-- at a computed step n with output f_n, `correction_weights` gives c over N = [f_n, H_0, ..., H_{k-1}]
-  such that the output the sampler uses is f_n + sum_l c_l N_l, and `after_computed` stores f_n.
+- `decide(schedule, state, i)`: whether the step must compute, the prediction weights w (Eq. 3.5:
+  f^ = sum_j w_j H_j, the Lagrange extrapolation through the stored outputs, error O(h^k)), the
+  embedded error weights e (sum_j e_j H_j = p_k - p_{k-1}, the adaptive test, `joint`) and the
+  correction weights c over N = [f_n, H_0, ..., H_{k-1}] (a computed step uses f_n + sum_l c_l N_l);
+- `complete(schedule, state, i, computed)`: the state after the step (a computed output becomes H_0;
+  a predicted step joins the pending list the correction reads).
 
 The correction (``config.correct``). For a step x_{j+1} = a_j x_j + b_j out_j, the predicted steps
 m < j < n used f^_j; with f_n known, f~_j interpolates the outputs through f_n and H (degree k, error
@@ -22,11 +24,15 @@ Pure arithmetic on fixed shapes in the namespace `xp`: the state fits a `lax.sca
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from abcore._config import ABConfig
+from abcore._steps import LinearSteps
+from abcore._validate import as_times, check_order
 from abcore._weights import barycentric_weights
 
 
@@ -77,11 +83,163 @@ class RuleState(NamedTuple):
 
 
 class Decision(NamedTuple):
-    """`decide`'s answer: `compute` (the step must call the model), then w and e over H (newest first)."""
+    """`decide`'s answer at one step.
+
+    compute: the step must call the model. weights (w) and error_weights (e): over H (newest first), the
+    prediction and the embedded error estimate. correction (c): over [f_n, H_0, ...], the output of the
+    step if it computes is f_n + sum_l c_l N_l (zeros without the correction or without pending steps).
+    """
 
     compute: Any
     weights: Any
     error_weights: Any
+    correction: Any
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """What the rule needs to know about a run before it starts, computed once per grid (`schedule`).
+
+    config: the settings (with warm-up and cool-down shrunk to the run when made with ``fit=True``).
+    num_steps: n, or None when the run's length is unknown (no cool-down, no mask).
+    times: (n,) the call times, or None when each step's time is given as it comes.
+    forced: (n,) bool, steps the schedule computes whatever the data (warm-up, cool-down, mask, and in
+        fixed mode the interval); None when n is unknown.
+    a, b: (n,) the sampler's step x_{j+1} = a_j x_j + b_j out_j (`LinearSteps`), or None.
+    correct: whether computed steps correct the predicted ones (`ABConfig.corrects`).
+    """
+
+    config: ABConfig
+    num_steps: int | None
+    times: np.ndarray | None
+    forced: np.ndarray | None
+    a: np.ndarray | None
+    b: np.ndarray | None
+    correct: bool
+
+    def node(self, i: Any, time: Any = None, xp: Any = np) -> Any:
+        """The abscissa of step i: i itself for ``abscissa="index"``, else its time (given, or from `times`)."""
+        if self.config.abscissa == "index":
+            return float(i) if xp is np else i * 1.0
+        if time is not None:
+            return time
+        if self.times is None:
+            raise ValueError("time is required at each step when the schedule has no times")
+        return xp.asarray(self.times)[i]
+
+    def forced_at(self, i: Any, xp: Any = np) -> Any:
+        """Whether the schedule forces step i to compute."""
+        if self.forced is not None:
+            return xp.asarray(self.forced)[i]
+        return self.config.forced_compute(int(i), None)
+
+    def coefficients(self, i: Any, xp: Any = np) -> tuple[Any, Any]:
+        """(a_i, b_i) of the sampler's step, (1, 1) without steps."""
+        if self.a is None or self.b is None:
+            return 1.0, 1.0
+        return xp.asarray(self.a)[i], xp.asarray(self.b)[i]
+
+
+def schedule(
+    config: ABConfig,
+    times: Any = None,
+    steps: LinearSteps | None = None,
+    *,
+    num_steps: int | None = None,
+    fit: bool = False,
+) -> Schedule:
+    """The `Schedule` of `config` on a run of n steps: the call times (n values), or only `num_steps`.
+
+    `steps`: the sampler's `LinearSteps` (n entries), which enables the correction (``config.correct``).
+    `fit`: shrink warm-up and cool-down to a run shorter than them (``force=True`` on a short run) instead
+    of raising. Raises ValueError, naming the parameter, when the sizes disagree or the schedule does
+    not fit the run, and when ``correct=True`` has no steps.
+    """
+    if not isinstance(config, ABConfig):
+        raise TypeError(f"config must be an abcore.ABConfig, got {type(config).__name__}")
+    if steps is not None and not isinstance(steps, LinearSteps):
+        raise TypeError(f"steps must be an abcore.LinearSteps or None, got {type(steps).__name__}")
+    if not isinstance(fit, bool):
+        raise ValueError(f"fit must be a bool, got {fit!r}")
+    t = None if times is None else as_times(times, "times")
+    if num_steps is not None:
+        check_order(num_steps, "num_steps")
+    sizes = {"times": None if t is None else t.size, "steps": None if steps is None else steps.num_steps}
+    sizes["num_steps"] = num_steps
+    known = {name: size for name, size in sizes.items() if size is not None}
+    if len(set(known.values())) > 1:
+        raise ValueError(f"the number of steps disagrees: {known}")
+    n = next(iter(known.values()), None)
+    if n is not None and fit and config.compute_mask is None:
+        config = dataclasses.replace(config, warmup=min(config.warmup, n), cooldown=min(config.cooldown, n))
+    if n is None and (config.cooldown or config.compute_mask is not None):
+        what = f"cooldown={config.cooldown}" if config.cooldown else "compute_mask"
+        raise ValueError(f"{what} needs the number of steps: give the times, the steps or num_steps")
+    forced = None if n is None else config.forced_mask(n)
+    correct = config.corrects(steps is not None)
+    a = None if steps is None else steps.a
+    b = None if steps is None else steps.b
+    for array in (t, forced):
+        if array is not None:
+            array.flags.writeable = False
+    return Schedule(config, n, t, forced, a, b, correct)
+
+
+def begin(schedule: Schedule | ABConfig, xp: Any = np, dtype: Any = None) -> RuleState:
+    """The state of a context before its first step (room for ``config.max_run`` pending steps).
+
+    Only the config matters: a `Schedule` or its `ABConfig`. `dtype`: of the abscissae (default float64).
+    """
+    config = schedule.config if isinstance(schedule, Schedule) else schedule
+    return init_state(config, config.max_run, xp, dtype)
+
+
+def decide(schedule: Schedule, state: RuleState, i: Any, time: Any = None, xp: Any = np) -> Decision:
+    """The rule at step i: compute or predict, and the weights (see `Decision`).
+
+    A step computes when the schedule forces it, when nothing is stored, and in adaptive mode when fewer
+    than 2 outputs are stored or ``max_run`` steps in a row were predicted. `time`: the step's time where
+    the schedule has none. `i` may be traced under JAX (with the schedule's times known).
+    """
+    config = schedule.config
+    node = schedule.node(i, time, xp)
+    count = _count(state.valid, xp)
+    must = xp.asarray(schedule.forced_at(i, xp)) | (count == 0)
+    if config.adaptive:
+        must = must | (count < 2) | (state.consecutive >= config.predicted_limit)
+    nodes, target = _predictor_nodes(config, state, node, xp)
+    w, e = history_weights(nodes, state.valid, target, config.order, config.weighting, xp)
+    if schedule.correct and (xp is not np or bool(np.any(state.pending_valid))):
+        c = correction_weights(config, state, node, *schedule.coefficients(i, xp), xp)
+    else:
+        c = xp.zeros((config.order + 1,), dtype=state.nodes.dtype)
+    return Decision(must, w, e, c)
+
+
+def complete(schedule: Schedule, state: RuleState, i: Any, computed: Any, time: Any = None, xp: Any = np) -> RuleState:
+    """The state after step i: `computed` stores its output as H_0, else the step joins the pending ones.
+
+    Under JAX `computed` may be traced: both states are formed and selected.
+    """
+    node = schedule.node(i, time, xp)
+    if xp is np:
+        if computed:
+            return after_computed(state, node, xp)
+        return after_predicted(state, node, *schedule.coefficients(i, xp), xp)
+    done = after_computed(state, node, xp)
+    pending = after_predicted(state, node, *schedule.coefficients(i, xp), xp)
+    return RuleState(*(xp.where(computed, x, y) for x, y in zip(done, pending, strict=True)))
+
+
+def joint(delta_sq_sum: Any, pred_sq_sum: Any, tolerance: float, xp: Any = np) -> Any:
+    """The adaptive decision of a group of contexts at one step: True to predict in all of them.
+
+    sqrt(sum delta^2) <= tolerance * sqrt(sum pred^2) in every context, delta = p_k - p_{k-1} (the error
+    weights) and pred = p_k; given one sum per context (arrays), the largest relative estimate decides for
+    all, so cond and uncond keep the same calls. Sums may be partial sums all-reduced across ranks.
+    """
+    ok = xp.sqrt(xp.asarray(delta_sq_sum)) <= tolerance * xp.sqrt(xp.asarray(pred_sq_sum))
+    return xp.all(ok)
 
 
 def init_state(config: ABConfig, max_run: int, xp: Any = np, dtype: Any = None) -> RuleState:
@@ -98,11 +256,6 @@ def init_state(config: ABConfig, max_run: int, xp: Any = np, dtype: Any = None) 
     )
 
 
-def node_of(config: ABConfig, step: Any, time: Any) -> Any:
-    """The abscissa the rule extrapolates on: the step's time, or its index for ``abscissa="index"``."""
-    return step if config.abscissa == "index" else time
-
-
 def _count(valid: Any, xp: Any) -> Any:
     return xp.sum(valid.astype(xp.int32))
 
@@ -111,22 +264,6 @@ def _predictor_nodes(config: ABConfig, state: RuleState, node: Any, xp: Any) -> 
     if config.predictor == "binomial":  # Eq. 3.6: the stored outputs as if at consecutive steps
         return -(xp.arange(config.order, dtype=state.nodes.dtype) + 1.0), xp.zeros((), dtype=state.nodes.dtype)
     return state.nodes, node
-
-
-def decide(config: ABConfig, state: RuleState, node: Any, forced: Any, xp: Any = np) -> Decision:
-    """Whether the step at abscissa `node` must compute, and its prediction / error weights.
-
-    `forced`: the schedule's answer (`ABConfig.forced_compute`: warm-up, cool-down, mask, and in
-    fixed mode the interval). A step also computes when nothing is stored, and in adaptive mode
-    when fewer than 2 outputs are stored or ``max_run`` steps in a row were predicted.
-    """
-    count = _count(state.valid, xp)
-    must = xp.asarray(forced) | (count == 0)
-    if config.adaptive:
-        must = must | (count < 2) | (state.consecutive >= config.predicted_limit)
-    nodes, target = _predictor_nodes(config, state, node, xp)
-    w, e = history_weights(nodes, state.valid, target, config.order, config.weighting, xp)
-    return Decision(must, w, e)
 
 
 def correction_weights(config: ABConfig, state: RuleState, node: Any, a: Any, b: Any, xp: Any = np) -> Any:
@@ -171,14 +308,3 @@ def after_computed(state: RuleState, node: Any, xp: Any = np) -> RuleState:
         pending_scale=xp.zeros_like(state.pending_scale),
         pending_valid=xp.zeros_like(state.pending_valid),
     )
-
-
-def accept_prediction(delta_sq_sum: Any, pred_sq_sum: Any, tolerance: float, xp: Any = np) -> Any:
-    """Adaptive test: sqrt(sum delta^2) <= tolerance * sqrt(sum pred^2), jointly over contexts.
-
-    delta = p_k - p_{k-1} (from the error weights), pred = p_k. Given one sum per context (arrays),
-    the step is predicted only when every context passes: the largest relative estimate decides for
-    all, so cond and uncond keep the same calls. Sums may be partial sums all-reduced across ranks.
-    """
-    ok = xp.sqrt(xp.asarray(delta_sq_sum)) <= tolerance * xp.sqrt(xp.asarray(pred_sq_sum))
-    return xp.all(ok)

@@ -76,6 +76,9 @@ class LinearSteps:
         si = np.asarray(sigmas, dtype=np.float64)
         if al.ndim != 1 or al.shape != si.shape or al.size < 2:
             raise ValueError(f"alphas and sigmas must be 1-D of n + 1 >= 2 values, got {al.shape} and {si.shape}")
+        for name, values in (("alphas", al), ("sigmas", si)):
+            if not np.all(np.isfinite(values)):
+                raise ValueError(f"{name} must be finite (no NaN or inf), got {values.tolist()}")
         if np.any(al < 0) or np.any(si < 0) or np.any(al[:-1] == 0):
             raise ValueError("alphas must be positive before the last value and sigmas non-negative")
         a0, a1, s0, s1 = al[:-1], al[1:], si[:-1], si[1:]

@@ -1,4 +1,4 @@
-"""CacheEngine / ABCache numerics: call counts, parity with abcore's reference, memory, pytrees, dtypes."""
+"""ContextState / ABCache numerics: call counts, parity with abcore's reference, memory, pytrees, dtypes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import abcore
 import numpy as np
 import pytest
 import torch
-from abcache_torch import ABCache, CacheEngine, extrapolate, flow_euler_step, sample
+from abcache_torch import ABCache, ContextState, flow_euler_step, sample, weighted_sum
+from abcache_torch._tree import flatten
 
 
 def flux_sigmas(n: int, shift: float = 3.0) -> np.ndarray:
@@ -125,14 +126,13 @@ def test_parity_with_abcore_reference_float64(config, path):
         return
     grid_kw = {"times": t[:-1]} if path == "wrapper-times" else {"num_steps": n}  # num_steps: cool-down
     cache = ABCache(model, config, check_finite=True, **grid_kw)
-    state = cache.engine
     out = run_loop(cache, t, xt)
     np.testing.assert_allclose(out.numpy(), ref.x, rtol=1e-10, atol=1e-12)
     assert model.times == t[:-1][ref.computed].tolist()
-    assert state.stats.computed == int(ref.computed.sum())
-    assert 0 < state.stats.predicted < n
+    assert cache.stats.computed == int(ref.computed.sum())
+    assert 0 < cache.stats.predicted < n
     if config.adaptive:
-        assert state.stats.max_error is not None and state.stats.max_error > 0
+        assert cache.stats.max_error is not None and cache.stats.max_error > 0
 
 
 def test_interval_one_is_identical_to_unwrapped():
@@ -147,6 +147,25 @@ def test_interval_one_is_identical_to_unwrapped():
         assert torch.equal(cached, plain)
 
 
+def run_step(state: ContextState, i: int, time, compute):
+    """One step of a context: the prediction, or `compute()` recorded (what `ABCache` and `sample` do)."""
+    leaves = state.predict(i, time)
+    if leaves is None:
+        return state.record(i, compute(), time)
+    return state.skip(i, leaves, time)
+
+
+def run_steps(config, times, outputs, announce=False):
+    """A fresh context stepped over `times` (given at each step, or announced in its schedule)."""
+    schedule = abcore.schedule(config, times if announce else None)
+    state = ContextState(schedule)
+    outs = [
+        run_step(state, i, None if announce else float(t), lambda f=f: f() if callable(f) else f)
+        for i, (t, f) in enumerate(zip(times, outputs))
+    ]
+    return state, outs
+
+
 def test_history_holds_at_most_order_outputs():
     order = 3
     t = grid("equal", 15)
@@ -157,17 +176,18 @@ def test_history_holds_at_most_order_outputs():
         alive.append(weakref.ref(out))
         return out
 
-    state = CacheEngine(abcore.ABConfig(order=order, interval=2, warmup=3, cooldown=0))
+    schedule = abcore.schedule(abcore.ABConfig(order=order, interval=2, warmup=3, cooldown=0))
+    states = {ctx: ContextState(schedule) for ctx in ("cond", "uncond")}
     x = torch.ones(4, 4)
     results = []
     for i in range(15):
-        for ctx in ("cond", "uncond"):
-            results.append(state.step(float(t[i]), lambda: model(x, t[i]), context=ctx))  # noqa: B023
-            assert state.history_length(ctx) <= order
+        for state in states.values():
+            results.append(run_step(state, i, float(t[i]), lambda: model(x, t[i])))  # noqa: B023
+            assert len(state.history) <= order
         results.clear()  # the caller keeps nothing (no cycles: refcounting frees the rest)
         held = sum(r() is not None for r in alive)
         assert held <= 2 * order  # two contexts, each at most `order` stored outputs
-    assert state.history_length("cond") == order
+    assert len(states["cond"].history) == order
     assert sum(r() is not None for r in alive) == 2 * order
 
 
@@ -208,8 +228,9 @@ class Transformer2DModelOutput(FakeModelOutput):
         lambda a, b: Output(a, (b,), "hello"),
         lambda a, b: Transformer2DModelOutput(sample=a),
         lambda a, b: Transformer2DModelOutput(sample=a, aux=b),
+        lambda a, b: {"x": a, "labels": torch.tensor([3, 7]), "mask": torch.tensor([True, False]), "y": b},
     ],
-    ids=["tensor", "tuple", "list-dict", "dict", "namedtuple", "dataclass", "model-output", "model-output-2"],
+    ids=["tensor", "tuple", "list-dict", "dict", "namedtuple", "dataclass", "model-output", "model-output-2", "int"],
 )
 def test_pytree_outputs_extrapolate_every_leaf(make):
     config = abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0)
@@ -219,16 +240,13 @@ def test_pytree_outputs_extrapolate_every_leaf(make):
     def leaves_at(tv):
         return x * tv**2 + 1.0, torch.full((3,), 2.0 * tv, dtype=torch.float64)
 
-    state = CacheEngine(config)
-    outs = [state.step(tv, lambda tv=tv: make(*leaves_at(tv))) for tv in t]
+    state, outs = run_steps(config, t, [lambda tv=tv: make(*leaves_at(tv)) for tv in t])
     assert state.stats.computed == 3  # steps 0, 1, 3
     pred = outs[2]
     assert type(pred) is type(make(*leaves_at(0.5)))
     # linear extrapolation through t = 1.0, 0.8 at 0.5: weights (w0 for 0.8, w1 for 1.0)
-    w = abcore.extrapolation_weights([0.8, 1.0], 0.5)
+    w = abcore.theory.extrapolation_weights([0.8, 1.0], 0.5)
     expected = make(*(w[0] * p + w[1] * q for p, q in zip(leaves_at(0.8), leaves_at(1.0))))
-    from abcache_torch import flatten
-
     got_leaves, got_def = flatten(pred)
     exp_leaves, exp_def = flatten(expected)
     assert got_def.spec == exp_def.spec
@@ -237,30 +255,30 @@ def test_pytree_outputs_extrapolate_every_leaf(make):
         torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
     if isinstance(pred, Transformer2DModelOutput):
         assert pred["sample"] is pred.sample  # rebuilt through __init__: the dict view is in sync
+    if isinstance(pred, dict) and "labels" in pred:  # integer and bool tensors pass through unchanged
+        assert pred["labels"].dtype == torch.int64 and pred["labels"].tolist() == [3, 7]
+        assert pred["mask"].dtype == torch.bool and pred["mask"].tolist() == [True, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_low_precision_outputs_accumulate_in_float32(dtype):
-    state = CacheEngine(abcore.ABConfig(order=3, interval=4, warmup=3, cooldown=0))
     base = torch.linspace(0.1, 3.0, 64)
     times = [1.0, 0.9, 0.75, 0.6]
-    hist = []
-    outs = []
-    for tv in times:
-        value = (base * (1 + tv) + tv**2).to(dtype)
-        hist.insert(0, value)
-        outs.append(state.step(tv, lambda value=value: value))
+    hist = [(base * (1 + tv) + tv**2).to(dtype) for tv in reversed(times)]
+    state, outs = run_steps(abcore.ABConfig(order=3, interval=4, warmup=3, cooldown=0), times, hist[::-1])
+    assert state.stats.predicted == 1
     pred = outs[-1]
     assert pred.dtype == dtype
-    w = abcore.extrapolation_weights(times[2::-1], times[3])
+    w = abcore.theory.extrapolation_weights(times[2::-1], times[3])
     exact32 = sum(float(wj) * h.float() for wj, h in zip(w, hist[1:]))
     assert torch.equal(pred, exact32.to(dtype))
 
 
 def test_float64_accumulates_in_float64():
-    state = CacheEngine(abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0))
     a = torch.tensor([1.0 + 1e-12], dtype=torch.float64)
-    outs = [state.step(tv, lambda tv=tv: a * tv) for tv in (1.0, 0.5, 0.25)]
+    times = (1.0, 0.5, 0.25)
+    state, outs = run_steps(abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0), times, [a * tv for tv in times])
+    assert state.stats.predicted == 1
     assert outs[-1].dtype == torch.float64
     torch.testing.assert_close(outs[-1], a * 0.25, rtol=1e-15, atol=0)
 
@@ -288,40 +306,74 @@ def test_device_preserved_and_no_host_read_in_sample(correct):
         ABCache(model, config, times=t[:-1], steps=steps)(x, sig[0] * torch.ones(2, device="meta"))
 
 
-def test_extrapolate_matches_weights_and_rejects_empty_history():
+def test_weighted_sum_matches_weights_and_rejects_empty_history():
     h = [[torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 5.0])]]
-    out = extrapolate(h, torch.tensor([2.0, -1.0]))
+    out = weighted_sum(h, torch.tensor([2.0, -1.0]))
     assert torch.equal(out[0], torch.tensor([-1.0, -1.0]))
     with pytest.raises(ValueError, match="history"):
-        extrapolate([], [1.0])
+        weighted_sum([], [1.0])
 
 
 @pytest.mark.parametrize("announce", [False, True])
-def test_predict_and_store_split_a_step_exactly(announce):
-    """predict()/store() (the model run by the caller) gives the outputs and counts of step()."""
+def test_context_state_split_is_abcache_exactly(announce):
+    """predict / record / skip driven by the caller (the model run outside) gives the outputs and counts of ABCache."""
     times = grid("shifted", 20)[:-1]
     config = abcore.ABConfig(order=3, interval=3, warmup=3, cooldown=0)
-    whole = CacheEngine(config, times if announce else None)
-    split = CacheEngine(config, times if announce else None)
+    schedule = abcore.schedule(config, times if announce else None)
+    whole = ABCache(lambda x, t: x * math.sin(3 * float(t)), config, times=times if announce else None)
+    split = ContextState(schedule)
+    x = torch.ones(2, 3, dtype=torch.float64)
     calls = 0
-    for t in times:
-        out = torch.full((2, 3), math.sin(3 * t), dtype=torch.float64)
-        a = whole.step(t, lambda out=out: out)
-        predicted, b = split.predict(t)
-        if not predicted:
+    for i, t in enumerate(times):
+        a = whole(x, float(t))
+        time = None if announce else float(t)
+        leaves = split.predict(i, time)
+        if leaves is None:
             calls += 1
-            assert b is None
-            b = split.store(out)
+            b = split.record(i, x * math.sin(3 * float(t)), time)
+        else:
+            b = split.skip(i, leaves, time)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert split.step == i + 1
     assert calls == whole.stats.computed == split.stats.computed == config.num_computed(len(times))
-    assert split.stats.predicted == whole.stats.predicted
+    assert split.stats.predicted == whole.stats.predicted > 0
 
 
-def test_store_without_a_pending_compute_step_is_an_error():
-    state = CacheEngine(abcore.ABConfig(cooldown=0))
-    with pytest.raises(ValueError, match="pending"):
-        state.store(torch.zeros(2))
-    assert state.predict(1.0) == (False, None)
-    state.store(torch.zeros(2))
-    with pytest.raises(ValueError, match="pending"):
-        state.store(torch.zeros(2))
+def test_record_or_skip_off_the_next_step_is_an_error():
+    """The rule state describes the context's next step: record / skip anywhere else is refused, not misapplied."""
+    state = ContextState(abcore.schedule(abcore.ABConfig(order=1, interval=2, warmup=1, cooldown=0)))
+    with pytest.raises(ValueError, match=r"record\(1\) but this context's next step is 0; call predict\(1\)"):
+        state.record(1, torch.zeros(2), 0.9)
+    assert state.predict(0, 1.0) is None
+    state.record(0, torch.zeros(2), 1.0)
+    with pytest.raises(ValueError, match="next step is 1"):
+        state.record(0, torch.zeros(2), 1.0)
+    leaves = state.predict(1, 0.9)
+    assert leaves is not None
+    with pytest.raises(ValueError, match=r"skip\(2\)"):
+        state.skip(2, leaves, 0.8)
+    state.skip(1, leaves, 0.9)
+    assert (state.step, state.stats.computed, state.stats.predicted) == (2, 1, 1)
+    # a jump is announced by predict, which restarts the context there (no stale history or pending step)
+    assert state.predict(7, 0.3) is None and state.step == 7 and len(state.history) == 0
+    state.record(7, torch.ones(2), 0.3)
+    assert state.step == 8 and len(state.history) == 1
+
+
+def test_int64_beside_the_float_output_passes_through():
+    """Issue 17 item 9: a non-float leaf raised a TypeError; it is carried through (README: non-float leaves)."""
+    labels = torch.tensor([[3], [7]])
+    seen = []
+
+    def model(x, t):
+        seen.append(t)
+        return x * t, labels + round(10 * t)  # the int leaf of the last computed call is the one carried
+
+    cache = ABCache(model, abcore.ABConfig(order=2, interval=3, warmup=2, cooldown=0))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    outs = [cache(x, t) for t in (1.0, 0.9, 0.8, 0.7)]
+    assert seen == [1.0, 0.9, 0.7] and cache.stats.predicted == 1
+    out, ints = outs[2]
+    torch.testing.assert_close(out, x * 0.8, rtol=1e-14, atol=1e-14)  # linear in t: exact
+    assert ints.dtype == torch.int64 and torch.equal(ints, labels + 9)
+    assert outs[3][1].dtype == torch.int64 and torch.equal(outs[3][1], labels + 7)

@@ -6,6 +6,7 @@ import abcore
 import numpy as np
 import torch
 from diffusers import LMSDiscreteScheduler
+from diffusers import SchedulerMixin as SchedulerMixin  # from_pretrained finds a component's base class in its module
 
 
 class ExactLMSDiscreteScheduler(LMSDiscreteScheduler):
@@ -18,7 +19,9 @@ class ExactLMSDiscreteScheduler(LMSDiscreteScheduler):
     numerically in float32 at every step; this class takes it from `abcore.multistep_table`, computed in
     closed form and float64 once per schedule (and per order, for a `step(order=...)` other than 4).
     Everything else (sigmas, `step`, `order`) is [`LMSDiscreteScheduler`]'s, so results agree with it up
-    to its quadrature's float32 rounding (1e-7).
+    to its quadrature's float32 rounding (1e-7). Where two sigmas are equal (Stable Diffusion 1.5's
+    `steps_offset=1` with "leading" spacing, or `set_timesteps(1000)`) the Lagrange basis is not defined and the
+    coefficient is diffusers' own quadrature, as in [`LMSDiscreteScheduler`].
 
     Example:
 
@@ -32,7 +35,7 @@ class ExactLMSDiscreteScheduler(LMSDiscreteScheduler):
     """
 
     sigmas: torch.Tensor
-    _exact_lms_tables: tuple[torch.Tensor, dict[int, np.ndarray]]  # the sigmas they were built from, tables
+    _exact_lms_tables: tuple[torch.Tensor, dict[int, np.ndarray | None]]  # the sigmas they were built from, tables
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """W[t, current_order] of the order-`order` table of `self.sigmas` (`abcore.multistep_table`)."""
@@ -43,14 +46,21 @@ class ExactLMSDiscreteScheduler(LMSDiscreteScheduler):
             )
         # A start-up row (order t + 1) is row t of every table of order >= t + 1: take it from the table of
         # `step`'s default order 4, so that one table serves a whole default run.
-        return float(self._lms_table(max(order, 4) if order == t + 1 else order)[t, current_order])
+        table = self._lms_table(max(order, 4) if order == t + 1 else order)
+        if table is None:
+            return float(LMSDiscreteScheduler.get_lms_coefficient(self, order, t, current_order))
+        return float(table[t, current_order])
 
-    def _lms_table(self, order: int) -> np.ndarray:
+    def _lms_table(self, order: int) -> np.ndarray | None:
+        """The order-`order` table of the current sigmas, or None where they are not strictly monotonic."""
         sigmas = self.sigmas
         cached = self.__dict__.get("_exact_lms_tables")
         if cached is None or cached[0] is not sigmas:  # set_timesteps assigns new sigmas
             cached = self._exact_lms_tables = (sigmas, {})
         tables = cached[1]
         if order not in tables:
-            tables[order] = abcore.multistep_table(sigmas.detach().cpu().double().numpy(), order)
+            values = sigmas.detach().cpu().double().numpy()
+            steps = np.diff(values)
+            monotonic = bool(np.all(steps > 0) or np.all(steps < 0))
+            tables[order] = abcore.multistep_table(values, order) if monotonic else None
         return tables[order]
