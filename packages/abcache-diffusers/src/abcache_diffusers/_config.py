@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 from abcore import ABConfig
+from torch.distributed import ProcessGroup
 
 Abscissa = Literal["auto", "sigma", "lambda", "timestep", "index"]
 _AB_DEFAULTS = ABConfig()
-_AB_FIELDS = (
-    "order",
-    "interval",
-    "warmup",
-    "cooldown",
-    "compute_mask",
-    "tolerance",
-    "max_predicted",
-    "weighting",
-    "predictor",
-    "correct",
-)
+_AB_FIELDS = tuple(f.name for f in fields(ABConfig) if f.name != "abscissa")  # this config names the abscissa
 
 
 @dataclass(frozen=True)
@@ -77,6 +67,12 @@ class ABCacheConfig:
             Cache even below `min_steps`; warm-up and cool-down shrink to fit a run shorter than them.
         timestep_arg (`str`, defaults to `"timestep"`):
             Name of the denoiser's forward argument that carries the timestep.
+        process_group (`torch.distributed.ProcessGroup`, `"auto"` or `None`, defaults to `"auto"`):
+            The ranks that must take the same decisions: those running one model together. `"auto"`: the
+            model-parallel group diffusers' `enable_parallelism` set on the denoiser (context or tensor parallel),
+            else none. `None`: this process decides alone and makes no collective call (ranks generating
+            independently). Fixed schedules decide alike everywhere; the group is all-reduced only for the
+            non-finite check and the adaptive test.
 
     Example:
 
@@ -108,8 +104,12 @@ class ABCacheConfig:
     min_steps: int = 10
     force: bool = False
     timestep_arg: str = "timestep"
+    process_group: Any = field(default="auto", compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        group = self.process_group
+        if not (group is None or isinstance(group, ProcessGroup) or (isinstance(group, str) and group == "auto")):
+            raise ValueError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, got {group!r}")
         if self.abscissa not in self.ABSCISSAS:
             raise ValueError(f"abscissa must be one of {self.ABSCISSAS}, got {self.abscissa!r}")
         if self.weighting not in self.WEIGHTINGS:

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from abcache_torch import ABCache, CacheStats, ContextState, input_key, predict_jointly
+from abcache_torch import DEFAULT_CONTEXT, ABCache, CacheStats, ContextState, input_key
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils.torch_utils import unwrap_module
@@ -29,14 +29,13 @@ from abcache_diffusers._config import ABCacheConfig, as_config
 from abcache_diffusers._spacing import (
     NOT_STARTED,
     SchedulerView,
-    nonlinear_reason,
+    resolve,
     resolve_abscissa,
     resolve_weighting,
     scheduler_index,
 )
 
 AB_CACHE_HOOK = "ab_cache"
-DEFAULT_CONTEXT = "default"
 FOLLOW_HINT = (
     "the denoiser is shared with a pipeline whose scheduler the hook does not follow (one made with "
     "from_pipe(pipe, scheduler=...)?): call enable_ab_cache(that_pipeline) to follow its scheduler"
@@ -99,17 +98,14 @@ class _States(StateManager):
         self._state_cache.clear()
 
 
-def _check_scheduler(config: ABCacheConfig, scheduler: Any) -> None:
-    """Raise ValueError, naming the field and the scheduler, for a config `scheduler` cannot run."""
-    abscissa = resolve_abscissa(scheduler, config.abscissa)
-    resolve_weighting(scheduler, config.weighting, abscissa)
-    if config.correct is True:
-        reason = "no scheduler is known" if scheduler is None else nonlinear_reason(scheduler)
-        if reason is not None:
-            raise ValueError(
-                f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: {reason}; "
-                "use correct=None (correct where possible) or False"
-            )
+def model_parallel_group(module: torch.nn.Module) -> Any:
+    """The process group of the ranks that run `module` together (diffusers' `enable_parallelism`), or None."""
+    config = getattr(module, "_parallel_config", None)
+    for part, mesh in (("context_parallel_config", "_flattened_mesh"), ("tensor_parallel_config", "_mesh")):
+        found = getattr(getattr(config, part, None), mesh, None)
+        if found is not None:
+            return found.get_group()
+    return None
 
 
 class ABCacheHook(ModelHook):
@@ -135,7 +131,8 @@ class ABCacheHook(ModelHook):
     def follow(self, scheduler: SchedulerSource) -> None:
         """Follow `scheduler` (a scheduler or a function returning the current one) from the next call on."""
         source = scheduler if scheduler is None or callable(scheduler) else (lambda: scheduler)
-        _check_scheduler(self.config, None if source is None else source())
+        config = self.config
+        resolve(None if source is None else source(), config.abscissa, config.weighting, config.correct)
         self._scheduler, self.view = source, None
         self.state_manager.clear()
 
@@ -165,7 +162,7 @@ class ABCacheHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = cast(Callable[..., Any], self.fn_ref.original_forward)
-        place = self._place(args, kwargs)
+        place = self._place(module, args, kwargs)
         if place is None:
             return forward(*args, **kwargs)
         if isinstance(place, ABCache):
@@ -218,6 +215,11 @@ class ABCacheHook(ModelHook):
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=5)
 
+    def _group(self, module: torch.nn.Module) -> Any:
+        """The ranks that decide together: the config's group, "auto" resolved on the module (now)."""
+        group = self.config.process_group
+        return model_parallel_group(module) if isinstance(group, str) else group
+
     def _timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = self.config.timestep_arg
         if name in kwargs:
@@ -240,7 +242,9 @@ class ABCacheHook(ModelHook):
         return view
 
     @torch.compiler.disable
-    def _place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[ContextState, int, Any] | Any:
+    def _place(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[ContextState, int, Any] | Any:
         """(state, index, time) of this call; None: run the model uncached; an `ABCache`: let it place the call."""
         states = self.state_manager
         step, num_steps, sigma = states.step_info()
@@ -270,8 +274,8 @@ class ABCacheHook(ModelHook):
                 why = "the scheduler has no timesteps" if view is None else "the call is not on its grid"
                 self._warn_once("not-running", f"ab_cache: not cached: {why}; " + FOLLOW_HINT)
                 return None
-            return self._timestep_cache()
-        return self._state(cast(SchedulerView, view), index, args, kwargs, sigma)
+            return self._timestep_cache(module)
+        return self._state(module, cast(SchedulerView, view), index, args, kwargs, sigma)
 
     def _scheduler_index(self, view: SchedulerView, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         """The call's index on the scheduler's grid: the pipeline's `CacheContext.step_index` where it describes this
@@ -286,7 +290,13 @@ class ABCacheHook(ModelHook):
         return index
 
     def _state(
-        self, view: SchedulerView, index: int, args: tuple[Any, ...], kwargs: dict[str, Any], sigma: float | None
+        self,
+        module: torch.nn.Module,
+        view: SchedulerView,
+        index: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        sigma: float | None,
     ) -> tuple[ContextState, int, Any] | None:
         """The context's state at call `index` of `view` (a new one where its run starts or jumps)."""
         states = self.state_manager
@@ -301,8 +311,10 @@ class ABCacheHook(ModelHook):
             remaining = size - position
             if remaining >= self.config.min_steps or self.config.force:
                 schedule = view.schedule(self.config.to_ab_config("plain"), stage, start, fit=self.config.force)
-                label = states.name + (f"_{repeat}" if repeat else "") + (f"/stage{stage}" if view.staged else "")
-                state = ContextState(schedule, self._stats.context(label))
+                label = (
+                    states.name + (f"_{repeat}" if repeat else "") + (f"/stage{stage}" if np.any(view.stages) else "")
+                )
+                state = ContextState(schedule, self._stats.context(label), process_group=self._group(module))
             else:
                 self._warn_once(
                     "few-steps",
@@ -321,7 +333,7 @@ class ABCacheHook(ModelHook):
             time = None if time is None else float(torch.as_tensor(time).reshape(-1).max())
         return state, position - start, time
 
-    def _timestep_cache(self) -> ABCache:
+    def _timestep_cache(self, module: torch.nn.Module) -> ABCache:
         """Without a scheduler and a step index: `ABCache` on the timestep the denoiser receives."""
         if self._fallback is None:
             ab = self.config.to_ab_config("plain")
@@ -336,31 +348,20 @@ class ABCacheHook(ModelHook):
             if ab.compute_mask is not None:
                 raise ValueError("compute_mask needs the number of steps: pass scheduler= to apply_ab_cache")
             forward = cast(Callable[..., Any], self.fn_ref.original_forward)
-            self._fallback = ABCache(lambda *a, **k: forward(*a, **k), ab, time_fn=self._timestep)
+            self._fallback = ABCache(
+                lambda *a, **k: forward(*a, **k), ab, time_fn=self._timestep, process_group=self._group(module)
+            )
         return self._fallback
 
     @torch.compiler.disable
     def _predict(self, state: ContextState, i: int, time: Any) -> Any:
         """The prediction at step i, or None to compute; in adaptive mode decided with the contexts at step i."""
-        if state.schedule.config.adaptive and (state._joint is None or state._joint[0] != i):
-            peers = [
-                s
-                for branch in self.state_manager.branches()
-                for s, _, _ in branch.runs.values()
-                if s is not None and s.schedule is state.schedule and s.step == i and len(s.history)
-            ]
-            predict_jointly(peers or [state], i, {id(s): time for s in peers}, None)
-        return state.predict(i, time)
+        peers = [s for branch in self.state_manager.branches() for s, _, _ in branch.runs.values() if s is not None]
+        return state.predict(i, time, peers)
 
-    @staticmethod
-    @torch.compiler.disable
-    def _skip(state: ContextState, i: int, leaves: Any, time: Any) -> Any:
-        return state.skip(i, leaves, time)
-
-    @staticmethod
-    @torch.compiler.disable
-    def _record(state: ContextState, i: int, output: Any, time: Any) -> Any:
-        return state.record(i, output, time)
+    # the state's bookkeeping stays out of torch.compile's graph (the model call between is compiled)
+    _skip = staticmethod(torch.compiler.disable(ContextState.skip))
+    _record = staticmethod(torch.compiler.disable(ContextState.record))
 
     def __repr__(self) -> str:
         return f"ABCacheHook({self.config!r}, abscissa={self.abscissa!r}, stats={self.stats!r})"
@@ -371,12 +372,6 @@ def _invalidate(registry: HookRegistry) -> None:
     invalidate = getattr(registry, "invalidate_child_registries_cache", None)
     if invalidate is not None:
         invalidate()
-
-
-def _reset_registry(module_ref: weakref.ref) -> None:
-    module = module_ref()
-    if module is not None:
-        HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
 
 
 def _other_cache(module: torch.nn.Module) -> str | None:
@@ -459,7 +454,9 @@ class _ResetEntryPoint:
         self.module_ref = module_ref
 
     def __call__(self, recurse: bool = True) -> None:
-        _reset_registry(self.module_ref)
+        module = self.module_ref()
+        if module is not None:
+            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
 
 
 def get_ab_cache_hook(module: torch.nn.Module) -> ABCacheHook | None:

@@ -89,12 +89,8 @@ def disable_ab_cache(pipe: Any) -> None:
 
 def cache_stats(pipe: Any) -> dict[str, CacheStats]:
     """Per denoiser with AB-Cache: its counters per context (computed, predicted, fallbacks), since enabled."""
-    stats = {}
-    for name, module in denoisers(pipe).items():
-        hook = get_ab_cache_hook(module)
-        if hook is not None:
-            stats[name] = hook.stats
-    return stats
+    hooks = {name: get_ab_cache_hook(module) for name, module in denoisers(pipe).items()}
+    return {name: hook.stats for name, hook in hooks.items() if hook is not None}
 
 
 def summary(pipe: Any) -> str:

@@ -6,14 +6,10 @@
   of `scheduler.sigmas`; VE-sigma schedulers (Euler, Euler ancestral, Heun, LMS): lambda = -log(sigma); schedulers
   with only `alphas_cumprod` (DDIM, DDPM, PNDM): lambda = 0.5 log(abar / (1 - abar)) at the integer timesteps.
 
-Every entry of `scheduler.timesteps` is one model call, at the sigma the scheduler evaluates it (KDPM2's second-order
-calls at its interpolated sigmas, KDPM2-ancestral's at the interpolated sigma of the step before, DPM-SDE's at the
-log-sigma midpoint of their step). Second-order schedulers (Heun,
-FlowMatchHeun, PNDM's Runge-Kutta warm-up) call the model twice at one abscissa; `stages` splits their calls into
-strictly monotonic sequences, one history each. `linear_steps` gives the step coefficients
-x_{j+1} = a_j x_j + b_j out_j where the scheduler's step is linear in the model output, which the correction of
-predicted steps needs. `SchedulerView` holds all of it for one `set_timesteps`, with the `abcore.Schedule` of each
-stage from the step a context starts at.
+Every entry of `scheduler.timesteps` is one model call, at the sigma the scheduler evaluates it (`abscissa_grid`).
+Second-order schedulers (Heun, FlowMatchHeun, PNDM's Runge-Kutta warm-up) call the model twice at one abscissa;
+`stages` splits their calls into strictly monotonic sequences, one history each. `SchedulerView` holds all of it for
+one `set_timesteps`.
 """
 
 from __future__ import annotations
@@ -82,6 +78,20 @@ def resolve_weighting(scheduler: Any, weighting: str, abscissa: str) -> str:
     if abscissa != "lambda":
         raise ValueError(f"weighting {weighting!r} extrapolates on lambda, but the abscissa is {abscissa!r}")
     return weighting
+
+
+def resolve(scheduler: Any, abscissa: str, weighting: str, correct: bool | None) -> tuple[str, str]:
+    """(abscissa, weighting) of a config on `scheduler`; a ValueError names the field `scheduler` cannot run."""
+    abscissa = resolve_abscissa(scheduler, abscissa)
+    weighting = resolve_weighting(scheduler, weighting, abscissa)
+    if correct is True:
+        reason = "no scheduler is known" if scheduler is None else nonlinear_reason(scheduler)
+        if reason is not None:
+            raise ValueError(
+                f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: {reason}; "
+                "use correct=None (correct where possible) or False"
+            )
+    return abscissa, weighting
 
 
 def abscissa_grid(scheduler: Any, abscissa: str) -> np.ndarray:
@@ -174,14 +184,6 @@ def stages(grid: np.ndarray) -> np.ndarray:
     return result
 
 
-def call_stages(scheduler: Any, grid: np.ndarray) -> np.ndarray:
-    """`stages(grid)`, except for DPM-SDE: its midpoint calls see the noise its step injects, so they form a history
-    of their own (stage 1) beside the calls at the step's sigmas (stage 0)."""
-    if "DPMSolverSDE" in type(scheduler).__name__:
-        return np.arange(grid.size, dtype=np.int64) % 2
-    return stages(grid)
-
-
 def nonlinear_reason(scheduler: Any) -> str | None:
     """None when `linear_steps` knows the step of `scheduler` as linear in the model output, else why not."""
     name = type(scheduler).__name__
@@ -189,15 +191,11 @@ def nonlinear_reason(scheduler: Any) -> str | None:
     prediction = config.get("prediction_type")
     if name == "FlowMatchEulerDiscreteScheduler":
         return "stochastic_sampling=True adds fresh noise to each step" if config.get("stochastic_sampling") else None
-    if name == "DDIMScheduler":
-        if config.get("clip_sample"):
-            return "clip_sample=True clips the predicted x0 (pass clip_sample=False)"
-        if config.get("thresholding"):
-            return "thresholding=True thresholds the predicted x0"
-        if prediction not in ("epsilon", "sample", "v_prediction"):
-            return f"prediction_type={prediction!r} is not one of 'epsilon', 'sample', 'v_prediction'"
-        return None
-    if name == "EulerDiscreteScheduler":
+    if name == "DDIMScheduler" and config.get("clip_sample"):
+        return "clip_sample=True clips the predicted x0 (pass clip_sample=False)"
+    if name == "DDIMScheduler" and config.get("thresholding"):
+        return "thresholding=True thresholds the predicted x0"
+    if name in ("DDIMScheduler", "EulerDiscreteScheduler"):
         if prediction not in ("epsilon", "sample", "v_prediction"):
             return f"prediction_type={prediction!r} is not one of 'epsilon', 'sample', 'v_prediction'"
         return None
@@ -245,17 +243,15 @@ def linear_steps(scheduler: Any) -> LinearSteps | None:
 @dataclass(frozen=True, eq=False)
 class SchedulerView:
     """One `set_timesteps` of a scheduler as AB-Cache sees it, computed once (`of`), or a run the pipeline's
-    `CacheContext` describes (`of_context`: the times come with each call).
+    `CacheContext` describes (`of_context`: no grid, the times come with each call).
 
-    grid: (n,) the abscissa of each call, or None (`of_context`). stages: (n,) the history of each call among those
-    sharing an abscissa. steps: the step coefficients for the correction, or None. sigmas: the scheduler's sigmas (to
-    check a pipeline's `CacheContext.sigma`), or None.
+    grid: (n,) the abscissa of each call. stages: (n,) the history of each call (`stages`). steps: the step
+    coefficients for the correction. sigmas: the scheduler's sigmas (to check a pipeline's `CacheContext.sigma`).
     """
 
     scheduler: Any
     timesteps: Any  # the scheduler's timesteps tensor this view was computed from
     timestep_values: np.ndarray | None
-    num_calls: int
     abscissa: str
     weighting: str
     grid: np.ndarray | None
@@ -266,42 +262,27 @@ class SchedulerView:
 
     @classmethod
     def of(cls, scheduler: Any, abscissa: str, weighting: str, correct: bool | None) -> SchedulerView:
-        """The view of `scheduler`'s current timesteps; raises ValueError for correct=True on a nonlinear step."""
-        abscissa = resolve_abscissa(scheduler, abscissa)
-        weighting = resolve_weighting(scheduler, weighting, abscissa)
-        if correct is True and nonlinear_reason(scheduler) is not None:
-            raise ValueError(
-                f"correct=True needs a step linear in the model output, but {type(scheduler).__name__}: "
-                f"{nonlinear_reason(scheduler)}; use correct=None (correct where possible) or False"
-            )
+        """The view of `scheduler`'s current timesteps (`resolve` raises ValueError for a config it cannot run)."""
+        abscissa, weighting = resolve(scheduler, abscissa, weighting, correct)
         grid = abscissa_grid(scheduler, abscissa)
-        stage = call_stages(scheduler, grid)
+        # DPM-SDE's midpoint calls see the noise its step injects: a history of their own (stage 1)
+        sde = "DPMSolverSDE" in type(scheduler).__name__
+        stage = np.arange(grid.size, dtype=np.int64) % 2 if sde else stages(grid)
         steps = linear_steps(scheduler) if correct is not False and not np.any(stage) else None
-        sigmas = getattr(scheduler, "sigmas", None)
+        sigmas = None if getattr(scheduler, "sigmas", None) is None else _numpy(scheduler.sigmas)
         return cls(
-            scheduler,
-            scheduler.timesteps,
-            _numpy(scheduler.timesteps),
-            grid.size,
-            abscissa,
-            weighting,
-            grid,
-            stage,
-            steps,
-            None if sigmas is None else _numpy(sigmas),
+            scheduler, scheduler.timesteps, _numpy(scheduler.timesteps), abscissa, weighting, grid, stage, steps, sigmas
         )
 
     @classmethod
     def of_context(cls, num_calls: int, abscissa: str, scheduler: Any = None, timesteps: Any = None) -> SchedulerView:
         """A run of `num_calls` calls known only from the pipeline's `CacheContext`: no grid, the times come with the
         calls. `scheduler` and its `timesteps`: the scheduler found not to be the running one, not read again."""
-        stages = np.zeros(num_calls, np.int64)
-        return cls(scheduler, timesteps, None, num_calls, abscissa, "plain", None, stages, None, None)
+        return cls(scheduler, timesteps, None, abscissa, "plain", None, np.zeros(num_calls, np.int64), None, None)
 
     @property
-    def staged(self) -> bool:
-        """Whether calls share abscissae (second-order schedulers): one history per stage."""
-        return bool(np.any(self.stages))
+    def num_calls(self) -> int:
+        return int(self.stages.size)
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """(stage, position within the stage, calls of the stage) of call `index`."""
