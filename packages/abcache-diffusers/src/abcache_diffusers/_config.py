@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from abcore import ABConfig
 from torch.distributed import ProcessGroup
@@ -85,7 +85,7 @@ class ABCacheConfig:
     """
 
     # "time" in abcore is one of the scheduler's times here; "auto" picks it from the scheduler
-    ABSCISSAS: ClassVar[tuple[str, ...]] = ("auto", "sigma", "lambda", "timestep", "index")
+    ABSCISSAS: ClassVar[tuple[str, ...]] = get_args(Abscissa)
     # "exp" picks "exp-eps" or "exp-x0" from the scheduler's `prediction_type`
     WEIGHTINGS: ClassVar[tuple[str, ...]] = (*ABConfig.WEIGHTINGS, "exp")
 

@@ -76,10 +76,7 @@ class _States(StateManager):
 
     def step_info(self) -> tuple[int | None, int | None, float | None]:
         """(step_index, num_inference_steps, sigma) the pipeline's `CacheContext` carries (None where it does not)."""
-        context = self._context
-        if context is None or isinstance(context, str):
-            return None, None, None
-        index, n, sigma = (getattr(context, k, None) for k in ("step_index", "num_inference_steps", "sigma"))
+        index, n, sigma = (getattr(self._context, k, None) for k in ("step_index", "num_inference_steps", "sigma"))
         if not (isinstance(index, int) and isinstance(n, int) and 0 <= index < n):
             return None, None, None
         return index, n, None if sigma is None else float(sigma)
@@ -131,8 +128,7 @@ class ABCacheHook(ModelHook):
     def follow(self, scheduler: SchedulerSource) -> None:
         """Follow `scheduler` (a scheduler or a function returning the current one) from the next call on."""
         source = scheduler if scheduler is None or callable(scheduler) else (lambda: scheduler)
-        config = self.config
-        resolve(None if source is None else source(), config.abscissa, config.weighting, config.correct)
+        resolve(None if source is None else source(), self.config)
         self._scheduler, self.view = source, None
         self.state_manager.clear()
 
@@ -235,9 +231,7 @@ class ABCacheHook(ModelHook):
             return None
         view = self.view
         if view is None or view.scheduler is not scheduler or view.timesteps is not scheduler.timesteps:
-            config = self.config
-            view = SchedulerView.of(scheduler, config.abscissa, config.weighting, config.correct)
-            self.view = view
+            view = self.view = SchedulerView.of(scheduler, self.config)
             self.state_manager.clear()  # a new run: forget every context (the stats stay)
         return view
 
@@ -251,7 +245,7 @@ class ABCacheHook(ModelHook):
         view = self._running_view()
         index = None
         if view is not None and view.grid is not None:  # the followed scheduler's run
-            index = self._scheduler_index(view, args, kwargs)
+            index = self._scheduler_index(view, step, num_steps, self._timestep(args, kwargs))
             expected = None if index is None or view.sigmas is None or index >= view.sigmas.size else view.sigmas[index]
             if expected is not None and sigma is not None and not np.isclose(expected, sigma, rtol=1e-4, atol=1e-6):
                 self._warn_once(
@@ -266,7 +260,7 @@ class ABCacheHook(ModelHook):
                 abscissa = "index" if self.config.abscissa == "index" else "sigma" if sigma is not None else "timestep"
                 scheduler = self.scheduler  # a stale one: remembered with its timesteps, so that it is not read again
                 timesteps = None if scheduler is None else getattr(scheduler, "timesteps", None)
-                self.view = SchedulerView.of_context(cast(int, num_steps), abscissa, scheduler, timesteps)
+                self.view = SchedulerView.of_context(self.config, cast(int, num_steps), abscissa, scheduler, timesteps)
                 states.clear()
             view, index = self.view, step
         if index is None:
@@ -277,13 +271,14 @@ class ABCacheHook(ModelHook):
             return self._timestep_cache(module)
         return self._state(module, cast(SchedulerView, view), index, args, kwargs, sigma)
 
-    def _scheduler_index(self, view: SchedulerView, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    def _scheduler_index(
+        self, view: SchedulerView, step: int | None, num_steps: int | None, timestep: Any
+    ) -> int | None:
         """The call's index on the scheduler's grid: the pipeline's `CacheContext.step_index` where it describes this
         grid, else the scheduler's (`scheduler_index`), else, before the scheduler steps, this context's next call."""
-        step, num_steps, _ = self.state_manager.step_info()
         if step is not None and num_steps == view.num_calls:
             return step
-        index = scheduler_index(view.scheduler, cast(np.ndarray, view.timestep_values), self._timestep(args, kwargs))
+        index = scheduler_index(view.scheduler, cast(np.ndarray, view.timestep_values), timestep)
         if index == NOT_STARTED:  # a loop that does not step the scheduler: count this context's calls
             last = self.state_manager.get_state().last
             index = 0 if last is None else (last[0] + 1) % view.num_calls
@@ -310,11 +305,9 @@ class ABCacheHook(ModelHook):
             start, state = position, None
             remaining = size - position
             if remaining >= self.config.min_steps or self.config.force:
-                schedule = view.schedule(self.config.to_ab_config("plain"), stage, start, fit=self.config.force)
-                label = (
-                    states.name + (f"_{repeat}" if repeat else "") + (f"/stage{stage}" if np.any(view.stages) else "")
-                )
-                state = ContextState(schedule, self._stats.context(label), process_group=self._group(module))
+                suffix = (f"_{repeat}" if repeat else "") + (f"/stage{stage}" if np.any(view.stages) else "")
+                stats = self._stats.context(states.name + suffix)
+                state = ContextState(view.schedule(stage, start), stats, process_group=self._group(module))
             else:
                 self._warn_once(
                     "few-steps",

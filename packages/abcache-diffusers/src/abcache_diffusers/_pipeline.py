@@ -110,15 +110,12 @@ def summary(pipe: Any) -> str:
             f"warmup={c.warmup}, cooldown={c.cooldown}, weighting={hook.weighting}):"
         )
         lines.append(f"  {'context':<14}{'steps':>7}{'computed':>10}{'predicted':>11}{'saved':>7}{'bound':>9}")
-        stats = hook.stats
-        rows = [
-            (ctx, counters.steps, counters.computed, counters.predicted) for ctx, counters in stats.contexts.items()
-        ]
+        rows: list[tuple[str, Any]] = list(hook.stats.contexts.items())  # (name, ContextStats), then the CacheStats
         if len(rows) > 1:
-            rows.append(("total", stats.steps, stats.computed, stats.predicted))
-        for ctx, steps, computed, predicted in rows:
-            bound = steps / computed if computed else 1.0
-            lines.append(f"  {ctx:<14}{steps:>7}{computed:>10}{predicted:>11}{predicted:>7}{bound:>8.2f}x")
+            rows.append(("total", hook.stats))
+        for ctx, s in rows:
+            bound = s.steps / s.computed if s.computed else 1.0
+            lines.append(f"  {ctx:<14}{s.steps:>7}{s.computed:>10}{s.predicted:>11}{s.predicted:>7}{bound:>8.2f}x")
     if not lines:
         return "AB-Cache is not enabled on this pipeline"
     return "\n".join(lines)

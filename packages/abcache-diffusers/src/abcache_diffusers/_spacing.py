@@ -14,14 +14,15 @@ one `set_timesteps`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import abcore
 import numpy as np
 import torch
 from abcore import LinearSteps, lambda_from_alphas_cumprod, lambda_from_sigma
+
+from abcache_diffusers._config import ABCacheConfig
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -80,11 +81,11 @@ def resolve_weighting(scheduler: Any, weighting: str, abscissa: str) -> str:
     return weighting
 
 
-def resolve(scheduler: Any, abscissa: str, weighting: str, correct: bool | None) -> tuple[str, str]:
-    """(abscissa, weighting) of a config on `scheduler`; a ValueError names the field `scheduler` cannot run."""
-    abscissa = resolve_abscissa(scheduler, abscissa)
-    weighting = resolve_weighting(scheduler, weighting, abscissa)
-    if correct is True:
+def resolve(scheduler: Any, config: ABCacheConfig) -> tuple[str, str]:
+    """(abscissa, weighting) of `config` on `scheduler`; a ValueError names the field `scheduler` cannot run."""
+    abscissa = resolve_abscissa(scheduler, config.abscissa)
+    weighting = resolve_weighting(scheduler, config.weighting, abscissa)
+    if config.correct is True:
         reason = "no scheduler is known" if scheduler is None else nonlinear_reason(scheduler)
         if reason is not None:
             raise ValueError(
@@ -245,10 +246,11 @@ class SchedulerView:
     """One `set_timesteps` of a scheduler as AB-Cache sees it, computed once (`of`), or a run the pipeline's
     `CacheContext` describes (`of_context`: no grid, the times come with each call).
 
-    grid: (n,) the abscissa of each call. stages: (n,) the history of each call (`stages`). steps: the step
+    config: the hook's. grid: (n,) the abscissa of each call. stages: (n,) the history of each call (`stages`). steps: the step
     coefficients for the correction. sigmas: the scheduler's sigmas (to check a pipeline's `CacheContext.sigma`).
     """
 
+    config: ABCacheConfig
     scheduler: Any
     timesteps: Any  # the scheduler's timesteps tensor this view was computed from
     timestep_values: np.ndarray | None
@@ -261,24 +263,26 @@ class SchedulerView:
     _schedules: dict[tuple, abcore.Schedule] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, scheduler: Any, abscissa: str, weighting: str, correct: bool | None) -> SchedulerView:
+    def of(cls, scheduler: Any, config: ABCacheConfig) -> SchedulerView:
         """The view of `scheduler`'s current timesteps (`resolve` raises ValueError for a config it cannot run)."""
-        abscissa, weighting = resolve(scheduler, abscissa, weighting, correct)
+        abscissa, weighting = resolve(scheduler, config)
         grid = abscissa_grid(scheduler, abscissa)
         # DPM-SDE's midpoint calls see the noise its step injects: a history of their own (stage 1)
         sde = "DPMSolverSDE" in type(scheduler).__name__
         stage = np.arange(grid.size, dtype=np.int64) % 2 if sde else stages(grid)
-        steps = linear_steps(scheduler) if correct is not False and not np.any(stage) else None
+        steps = linear_steps(scheduler) if config.correct is not False and not np.any(stage) else None
         sigmas = None if getattr(scheduler, "sigmas", None) is None else _numpy(scheduler.sigmas)
-        return cls(
-            scheduler, scheduler.timesteps, _numpy(scheduler.timesteps), abscissa, weighting, grid, stage, steps, sigmas
-        )
+        timesteps = scheduler.timesteps
+        return cls(config, scheduler, timesteps, _numpy(timesteps), abscissa, weighting, grid, stage, steps, sigmas)
 
     @classmethod
-    def of_context(cls, num_calls: int, abscissa: str, scheduler: Any = None, timesteps: Any = None) -> SchedulerView:
+    def of_context(
+        cls, config: ABCacheConfig, num_calls: int, abscissa: str, scheduler: Any = None, timesteps: Any = None
+    ) -> SchedulerView:
         """A run of `num_calls` calls known only from the pipeline's `CacheContext`: no grid, the times come with the
         calls. `scheduler` and its `timesteps`: the scheduler found not to be the running one, not read again."""
-        return cls(scheduler, timesteps, None, abscissa, "plain", None, np.zeros(num_calls, np.int64), None, None)
+        stages = np.zeros(num_calls, np.int64)
+        return cls(config, scheduler, timesteps, None, abscissa, "plain", None, stages, None, None)
 
     @property
     def num_calls(self) -> int:
@@ -290,15 +294,15 @@ class SchedulerView:
         members = np.flatnonzero(self.stages == stage)
         return stage, int(np.searchsorted(members, index)), int(members.size)
 
-    def schedule(self, config: abcore.ABConfig, stage: int, start: int, fit: bool) -> abcore.Schedule:
-        """The `abcore.Schedule` of `stage` from its position `start` on (times None for a context run)."""
-        key = (config, stage, start, fit)
-        if key not in self._schedules:
+    def schedule(self, stage: int, start: int) -> abcore.Schedule:
+        """The `abcore.Schedule` of `stage` from its position `start` on (times None for a context run); `force`
+        fits the warm-up and cool-down into a short run."""
+        if (stage, start) not in self._schedules:
             members = np.flatnonzero(self.stages == stage)[start:]
             times = None if self.grid is None else self.grid[members]
-            steps = None
-            if self.steps is not None:
-                steps = LinearSteps(self.steps.a[members], self.steps.b[members])
-            config = dataclasses.replace(config, weighting=cast(Any, self.weighting))
-            self._schedules[key] = abcore.schedule(config, times, steps, num_steps=members.size, fit=fit)
-        return self._schedules[key]
+            steps = None if self.steps is None else LinearSteps(self.steps.a[members], self.steps.b[members])
+            ab = self.config.to_ab_config(self.weighting)
+            self._schedules[stage, start] = abcore.schedule(
+                ab, times, steps, num_steps=members.size, fit=self.config.force
+            )
+        return self._schedules[stage, start]

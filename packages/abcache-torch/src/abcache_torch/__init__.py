@@ -1,14 +1,9 @@
-"""abcache-torch: AB-Cache for any PyTorch denoiser.
-
-The model runs only at the compute steps of abcore's step rule; at the others its output is
-predicted by Lagrange / Adams-Bashforth extrapolation through the last `order` computed outputs
-at their real step times (paper, Sections 3.3-3.4, Eq. 3.5), and with the sampler's
-`abcore.LinearSteps` a computed step corrects the predicted ones before it.
+"""abcache-torch: AB-Cache for any PyTorch denoiser (paper, Sections 3.3-3.4).
 
 `ABCache` wraps a model called with its time; `sample` runs a whole sampler; `ContextState` is one cache
 context's transition, for integrations that know the step index themselves (the diffusers hook, ComfyUI).
-For sampler authors: `multistep_table` (abcore's exact variable-step Adams-Bashforth weights on torch
-tensors, differentiable) and `sample_lms`, k-diffusion's LMS sampler on those weights.
+For sampler authors: `multistep_table` (exact variable-step Adams-Bashforth weights on torch tensors) and
+`sample_lms`, k-diffusion's LMS sampler on those weights.
 """
 
 from abcache_torch._history import History, weighted_sum

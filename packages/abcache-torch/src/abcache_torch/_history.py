@@ -2,7 +2,6 @@
 
 A prediction is f^ = sum_j w_j H_j (paper, Eq. 3.5) over the stored outputs H_0..H_{m-1},
 newest first; a corrected output is f_n + sum_l c_l N_l over N = [f_n, H_0, ..., H_{m-1}].
-Every sum accumulates in float32 (float64 / complex128 for those dtypes) and is cast back.
 """
 
 from __future__ import annotations
@@ -81,9 +80,6 @@ class History:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def clear(self) -> None:
-        self.entries = []
-
     def matches(self, output: Any) -> bool:
         """Whether `output` has the structure, shapes, dtypes and devices of the stored ones (or none is stored)."""
         return not self.entries or _leaves(output)[2] == self.signature
@@ -97,18 +93,10 @@ class History:
         del self.entries[self.capacity :]
         self.treedef, self.signature = treedef, signature
 
-    def predict_leaves(self, weights: Any) -> list[torch.Tensor]:
-        """The leaves of sum_j w_j H_j (`weights`: floats or a device tensor row, at least len(self) entries)."""
-        return weighted_sum(self.entries, weights)
-
     def unflatten(self, leaves: list[torch.Tensor]) -> Any:
         """`leaves` rebuilt into the structure of the stored outputs."""
         assert self.treedef is not None
         return self.treedef.unflatten(leaves)
-
-    def predict(self, weights: Any) -> Any:
-        """sum_j w_j H_j in the structure of the stored outputs."""
-        return self.unflatten(self.predict_leaves(weights))
 
     def correct(self, output: Any, weights: Sequence[float]) -> Any:
         """output + sum_l c_l N_l over N = [output, H_0, ...] (c = `weights`), in the structure of `output`.

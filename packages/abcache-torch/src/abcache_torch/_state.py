@@ -7,21 +7,19 @@ f + sum_l c_l [f, H]_l (the correction of the predicted steps before it, when th
 are known), or `skip(i, leaves)` takes the prediction. Every decision and weight is abcore's
 (`abcore.decide` / `abcore.complete` on the context's `RuleState`); nothing is re-derived here.
 
-`predict_jointly` is the adaptive decision of the contexts at one step: the largest relative error estimate
-decides for all (`abcore.joint`), so cond and uncond keep the same calls; its sums are all-reduced over a
-`torch.distributed` group when one is given (no collective otherwise).
+`predict_jointly` is the adaptive decision of the contexts at one step (`abcore.joint`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import abcore
 import torch
 
-from abcache_torch._history import History, any_non_finite, squared_sum
+from abcache_torch._history import History, any_non_finite, squared_sum, weighted_sum
 from abcache_torch._stats import ContextStats
 
 Leaves = list[torch.Tensor]
@@ -60,20 +58,18 @@ class ContextState:
         process_group: Any = None,
     ) -> None:
         self.schedule = schedule
-        self.history = History(schedule.config.order)
-        self.rule = abcore.begin(schedule)
-        self.step = 0
         self.stats = ContextStats() if stats is None else stats
         self.check_finite = check_finite
         self.process_group = process_group
-        self._decision: tuple[int, float | None, abcore.theory.Decision] | None = None  # (i, time, decision)
-        self._joint: tuple[int, float | None, Leaves | None] | None = None  # (i, time, predict_jointly's answer)
+        self.restart()
 
     def restart(self, step: int = 0) -> None:
         """Forget the outputs; the next step is `step` (a new generation, or a jump on the grid)."""
-        self.history.clear()
+        self.history = History(self.schedule.config.order)
         self.rule = abcore.begin(self.schedule)
-        self.step, self._decision, self._joint = step, None, None
+        self.step = step
+        self._decision: tuple[int, float | None, abcore.theory.Decision] | None = None  # (i, time, decision)
+        self._joint: tuple[int, float | None, Leaves | None] | None = None  # (i, time, predict_jointly's answer)
 
     def decision(self, i: int, time: float | None = None) -> abcore.theory.Decision:
         """`abcore.decide` at step i (once per step and time)."""
@@ -81,22 +77,24 @@ class ContextState:
             self._decision = (i, time, abcore.decide(self.schedule, self.rule, i, time))
         return self._decision[2]
 
-    def decided_jointly(self, i: int, time: float | None = None) -> bool:
-        """Whether `predict_jointly` already decided step i at `time` for this context (another context led)."""
-        return self._joint is not None and self._joint[:2] == (i, time)
+    def predict(self, i: int, time: float | None = None, peers: Iterable[ContextState] = ()) -> Leaves | None:
+        """The predicted leaves at step i, or None when the step computes (the model runs, then `record`).
 
-    def predict(self, i: int, time: float | None = None) -> Leaves | None:
-        """The predicted leaves at step i, or None when the step computes (the model runs, then `record`)."""
+        Adaptive mode: unless decided already, this context decides with those of `peers` (on the same schedule)
+        at step i that have outputs, else alone (`predict_jointly`); the others then take their share.
+        """
         if i != self.step:
             self.restart(i)  # a jump: the pending steps and the history no longer describe this grid position
-        if self._joint is not None and self._joint[:2] == (i, time):
-            return self._joint[2]
         if self.schedule.config.adaptive:
-            return predict_jointly([self], i, {id(self): time}, self.process_group)[0]
+            group = [s for s in peers if s.schedule is self.schedule and s.step == i and len(s.history)]
+            for members in (group, [self]):
+                if members and (self._joint is None or self._joint[:2] != (i, time)):
+                    predict_jointly(members, i, {id(s): time for s in members}, self.process_group)
+            return cast(tuple, self._joint)[2]
         decision = self.decision(i, time)
         if bool(decision.compute):
             return None
-        leaves = self.history.predict_leaves([float(w) for w in decision.weights])
+        leaves = weighted_sum(self.history.entries, [float(w) for w in decision.weights])
         if self.check_finite and all_reduce(any_non_finite(leaves), self.process_group).item() > 0:
             self.stats.fallbacks += 1
             return None
@@ -119,7 +117,7 @@ class ContextState:
             self.restart(i)
             decision = self.decision(i, time)
         elif self.schedule.correct and any(float(c) != 0.0 for c in decision.correction):
-            result = self.history.correct(output, [float(c) for c in decision.correction])
+            result = self.history.correct(output, decision.correction)
         self.history.push(output)
         self.rule = abcore.complete(self.schedule, self.rule, i, True, time)
         self.step, self._joint = i + 1, None
@@ -154,10 +152,10 @@ def predict_jointly(
     decisions = [s.decision(i, times.get(id(s))) for s in group]
     answer: list[Leaves | None] = [None] * len(group)
     if not any(bool(d.compute) or not len(s.history) for s, d in zip(group, decisions, strict=True)):
-        predicted = [s.history.predict_leaves([float(w) for w in d.weights]) for s, d in zip(group, decisions)]
+        predicted = [weighted_sum(s.history.entries, [float(w) for w in d.weights]) for s, d in zip(group, decisions)]
         checks = []
         for s, d, pred in zip(group, decisions, predicted, strict=True):
-            delta = s.history.predict_leaves([float(e) for e in d.error_weights])
+            delta = weighted_sum(s.history.entries, [float(e) for e in d.error_weights])
             checks += [squared_sum(delta), squared_sum(pred), any_non_finite(pred)]
         values = all_reduce(torch.stack(checks), process_group).reshape(-1, 3).cpu().numpy()  # the one host read
         finite = values[:, 2] == 0

@@ -55,11 +55,8 @@ def sample(
     `grid` has n + 1 entries for n steps (the model is never called at the last). out_i is
     model_fn(x_i, grid[i]) (the time a Python float) at computed steps, corrected with `steps`
     (``config.correct``), and the extrapolation sum_j w_j H_j (Eq. 3.5) at predicted ones. With
-    `steps` and no `step_fn` the step is a_i x_i + b_i out_i. `check_finite`: a non-finite
-    prediction falls back to a model call, as in the reference (one boolean read per predicted
-    step; False removes it). `process_group`: the ``torch.distributed`` group whose ranks sample one batch
-    split between them and must decide alike (the finite check and the adaptive sums are all-reduced), or
-    None (default): no collective call. Returns ``abcore.Trajectory(x, computed, outputs)``.
+    `steps` and no `step_fn` the step is a_i x_i + b_i out_i. `check_finite` and `process_group` (the ranks
+    that sample one batch split between them) as in `ContextState`. Returns ``abcore.Trajectory(x, computed, outputs)``.
     """
     t = abcore.as_grid(grid)
     n = t.size - 1

@@ -18,7 +18,7 @@ import abcore
 import numpy as np
 import torch
 
-from abcache_torch._state import ContextState, predict_jointly
+from abcache_torch._state import ContextState
 from abcache_torch._stats import CacheStats
 
 TIME_KEYWORDS = ("timestep", "timesteps", "sigma", "t")
@@ -193,11 +193,8 @@ class ABCache:
         steps: abcore.LinearSteps | None = None,
         config: abcore.ABConfig | None = None,
     ) -> None:
-        """Announce (or forget) the step times (and steps) of the coming generations; resets the histories.
-
-        With `times`, a generation is ``len(times)`` calls per context and a call at the grid's first time
-        restarts one; `num_steps` alone fixes the length (cool-down, masks). Raises ValueError when the config
-        needs what is not given (``abcore.schedule``).
+        """Announce (or forget) the step times, `num_steps` and steps of the coming generations (as in the
+        constructor); resets the histories. ValueError when the config needs what is not given (``abcore.schedule``).
         """
         if config is not None and not isinstance(config, abcore.ABConfig):
             raise TypeError(f"config must be an abcore.ABConfig, got {type(config).__name__}")
@@ -236,12 +233,8 @@ class ABCache:
             raise type(error)(f"{error} (read from {self._time_source()}; pass time_arg= or time_fn=)") from None
         i, time = self._place(name, ctx, value)
         state = ctx.state
-        if self.config.adaptive and not state.decided_jointly(i, time):
-            # the contexts at step i decide together; one not yet called at i is taken at this call's time
-            group = [c.state for c in self._contexts.values() if c.state.step == i and len(c.state.history)]
-            group = group or [state]
-            predict_jointly(group, i, {id(s): time for s in group}, self.process_group)
-        leaves = state.predict(i, time)
+        # adaptive: the contexts at step i decide together; one not yet called at i is taken at this call's time
+        leaves = state.predict(i, time, [c.state for c in self._contexts.values()])
         if leaves is None:
             return state.record(i, self.model(*args, **kwargs), time)
         return state.skip(i, leaves, time)
@@ -294,9 +287,9 @@ class ABCache:
         if len(ctx.restarts) == 3 and max(ctx.restarts) <= 2 and name not in self._warned:
             self._warned.add(name)
             warnings.warn(
-                f"ABCache: in context {name!r} the time read from {self._time_source()} repeats or goes back every call or two, "
-                "so every call starts a new generation and nothing is cached. Pass time_arg= or time_fn= if the time "
-                "is elsewhere; a sampler with two model calls per step (Heun) needs a context per call: "
+                f"ABCache: in context {name!r} the time read from {self._time_source()} repeats or goes back every "
+                "call or two, so every call starts a new generation and nothing is cached. Pass time_arg= or time_fn= "
+                "if the time is elsewhere; a sampler with two model calls per step (Heun) needs a context per call: "
                 "with cache.context('stage2')",
                 UserWarning,
                 stacklevel=3,
