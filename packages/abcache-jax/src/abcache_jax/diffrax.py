@@ -34,8 +34,8 @@ class _MultistepInterpolation(diffrax.AbstractLocalInterpolation):
     RK4 start-up (``startup``): c_m = b_m(theta), theta = (t - t0) / h.
     """
 
-    t0: Any
-    t1: Any
+    t0: Any  # type: ignore[misc]  # diffrax declares them as AbstractVars
+    t1: Any  # type: ignore[misc]
     y0: PyTree
     ts: jax.Array
     increments: PyTree
