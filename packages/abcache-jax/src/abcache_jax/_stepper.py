@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from abcore import ABConfig, LinearSteps
 
-from abcache_jax._history import PyTree, all_finite, push, sum_of_squares, weighted_sum
+from abcache_jax._history import PyTree, all_finite, push, same_layout, sum_of_squares, weighted_sum
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,11 +299,7 @@ class HostStepper:
         if self._outputs is not None:
             expected = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), self._outputs)
             got = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), output)
-            same_structure = jax.tree.structure(got) == jax.tree.structure(expected)  # type: ignore[operator]
-            if not same_structure or any(
-                (a.shape, a.dtype) != (b.shape, b.dtype)
-                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
-            ):
+            if not same_layout(got, expected):
                 raise ValueError(
                     f"output must have the structure, shapes and dtypes of the outputs recorded before "
                     f"({_describe(expected)}), got {_describe(got)}"
