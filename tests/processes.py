@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+
+# torch.distributed's collectives that a cache could call (the models' own all-to-alls are functional collectives)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "barrier", "all_to_all")
 
 
 def load(path: Path) -> ModuleType:
@@ -52,3 +56,30 @@ def run_two(worker: Path, args: list[list[str]], logs: Path, env: dict[str, str]
     for i, proc in enumerate(procs):
         output = (logs / f"rank{i}.log").read_text(errors="replace")[-3000:]
         assert proc.returncode == 0, f"process {i} exited with {proc.returncode}:\n{output}"
+
+
+class Collectives:
+    """Counts the calls of torch.distributed's collectives while active (the cache looks them up at call time)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> Collectives:
+        import torch.distributed as dist
+
+        for name in COLLECTIVES:
+            original = self.saved[name] = getattr(dist, name)
+
+            def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                self.count += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed as dist
+
+        for name, original in self.saved.items():
+            setattr(dist, name, original)

@@ -162,6 +162,9 @@ def tiny_model(family: str, seed: int = 0) -> Any:
     model = config.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.to(torch.float32)
     fill_weights(model.diffusion_model, seed)
+    # frozen, as ComfyUI 0.30's BaseModel leaves it; 0.27 does not, and its ipndm / uni_pc samplers (no no_grad of
+    # their own) then return outputs with an autograd graph outside the executor's inference_mode
+    model.diffusion_model.requires_grad_(False)
     model.eval()
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

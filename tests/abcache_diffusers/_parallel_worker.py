@@ -33,8 +33,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+_spec = importlib.util.spec_from_file_location("processes", Path(__file__).parents[1] / "processes.py")
+_processes = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(_processes)  # type: ignore[union-attr]
+Collectives = _processes.Collectives
+
 HERE = Path(__file__).parent
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "barrier", "all_to_all")
 # the model- and data-parallel cases: uncached, the default fixed schedule, adaptive (predicts some steps of 12 on
 # tiny Flux and Wan, and decides differently on the two prompts of the split batch)
 CACHES: dict[str, dict[str, Any] | None] = {"none": None, "fixed": {}, "adaptive": {"tolerance": 0.2}}
@@ -48,29 +52,6 @@ def tiny() -> Any:
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
-
-
-class Collectives:
-    """Counts the calls of torch.distributed's collectives while active (the cache looks them up at call time)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.saved: dict[str, Any] = {}
-
-    def __enter__(self) -> Collectives:
-        for name in COLLECTIVES:
-            original = self.saved[name] = getattr(dist, name)
-
-            def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                self.count += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self.saved.items():
-            setattr(dist, name, original)
 
 
 def record_calls(module: torch.nn.Module) -> list[float]:

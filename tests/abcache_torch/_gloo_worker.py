@@ -15,17 +15,23 @@ The functions are imported by the test too, which runs them in one process for t
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import abcore
 import torch
 import torch.distributed as dist
 
+_spec = importlib.util.spec_from_file_location("processes", Path(__file__).parents[1] / "processes.py")
+_processes = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(_processes)  # type: ignore[union-attr]
+Collectives = _processes.Collectives
+
 ADAPTIVE = abcore.ABConfig(order=3, interval=4, warmup=2, cooldown=0, tolerance=5e-2)
 N_STEPS = 30
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "barrier")
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,29 +42,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def velocity(x: torch.Tensor, sigma: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
     return -x + torch.sin(freq[:, None] * sigma[:, None])
-
-
-class Collectives:
-    """Counts the calls of torch.distributed's collectives while active (the cache looks them up at call time)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.saved: dict[str, Any] = {}
-
-    def __enter__(self) -> Collectives:
-        for name in COLLECTIVES:
-            original = self.saved[name] = getattr(dist, name)
-
-            def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                self.count += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self.saved.items():
-            setattr(dist, name, original)
 
 
 def run_agree(x: torch.Tensor, freq: torch.Tensor, process_group: Any) -> tuple[list[bool], torch.Tensor]:
