@@ -67,16 +67,25 @@ class _States(StateManager):
 
     def __init__(self) -> None:
         super().__init__(_Branch)  # type: ignore[arg-type]  # diffusers annotates the class as an instance
+        self.current: Any = None  # what the pipeline set (diffusers keeps it as `_current_context` before 0.42)
+
+    def set_context(self, context: Any) -> None:
+        super().set_context(context)
+        self.current = context
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        super().reset(*args, **kwargs)
+        self.current = None
 
     @property
     def name(self) -> str:
-        context = self._context
+        context = self.current
         name = context if context is None or isinstance(context, str) else context.name
         return name or DEFAULT_CONTEXT
 
     def step_info(self) -> tuple[int | None, int | None, float | None]:
         """(step_index, num_inference_steps, sigma) the pipeline's `CacheContext` carries (None where it does not)."""
-        index, n, sigma = (getattr(self._context, k, None) for k in ("step_index", "num_inference_steps", "sigma"))
+        index, n, sigma = (getattr(self.current, k, None) for k in ("step_index", "num_inference_steps", "sigma"))
         if not (isinstance(index, int) and isinstance(n, int) and 0 <= index < n):
             return None, None, None
         return index, n, None if sigma is None else float(sigma)
