@@ -111,13 +111,13 @@ class ContextState:
     def record(self, i: int, output: Any, time: float | None = None) -> Any:
         """Store the model's raw `output` at computed step i; returns it corrected (`Decision.correction`)."""
         self._check_step(i, "record")
-        decision = self.decision(i, time)
         result = output
         if not self.history.matches(output):  # another structure or shape: start over here (no correction)
             self.restart(i)
-            decision = self.decision(i, time)
-        elif self.schedule.correct and any(float(c) != 0.0 for c in decision.correction):
-            result = self.history.correct(output, decision.correction)
+        elif self.schedule.correct:
+            correction = self.decision(i, time).correction
+            if any(float(c) != 0.0 for c in correction):
+                result = self.history.correct(output, correction)
         self.history.push(output)
         self.rule = abcore.complete(self.schedule, self.rule, i, True, time)
         self.step, self._joint = i + 1, None
