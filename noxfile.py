@@ -5,7 +5,8 @@ nox -s tests          every package's tests (abcache-diffusers on diffusers 0.40
 nox -s lint           ruff check + format check
 nox -s typecheck      mypy over all packages
 nox -s demo           the main job: `abcache demo` on the shipped zoo
-nox -s bench          regenerate BENCHMARKS.md: the zoo (Pareto plots, image strips) and the LMS coefficient cost
+nox -s bench          regenerate BENCHMARKS.md: the zoo (Pareto plots, image strips), the call budgets at 20 / 28 / 50
+                      steps and the LMS coefficient cost
 nox -s comfyui        the ComfyUI node pack against ComfyUI itself (fetched into .cache/comfyui, never committed)
 """
 
@@ -145,6 +146,8 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     _install_all(session, "scipy")  # diffusers' LMS quadrature, timed against the exact coefficients
     session.run("python", "benchmarks/lms_coefficients.py", env=ENV)
+    session.run("python", "benchmarks/budget.py", env=ENV)  # ~50 min on one core: budgets at 20, 28, 50 steps
+    session.run("python", "benchmarks/budget.py", "--report", "benchmarks/results/budget.md", env=ENV)
     session.run("python", "-m", "abcache_examples.bench", *session.posargs, env=ENV)
 
 

@@ -1,8 +1,9 @@
 """Wall-clock of AB-Cache on a GPU with a large random-init FLUX-architecture transformer.
 
 Runs the flow-matching Euler loop (FLUX-like shifted grid, 50 steps) with the transformer
-called every step, and with `abcache_torch.ABCache` at the default `ABConfig()` (interval 5,
-last 4 computed, corrected: 15 calls) and the demo's fast preset (interval 6: 13 calls),
+called every step, and with `abcache_torch.ABCache` at the default `ABConfig()` (a budget of
+5 + 50 // 5 = 15 calls placed by the Euler step's sensitivity, corrected) and the demo's fast preset
+(interval 6: 13 calls),
 alternated on the same machine; reports the ratios, the time of one model call against one
 predicted step, and the peak-memory overhead of the cache.
 

@@ -75,9 +75,10 @@ def prompt(cache: dict[str, Any] | None, sampler: str = "euler", steps: int = 20
 
 NODE_DEFAULTS = {
     "order": 2,
-    "interval": 5,
-    "warmup": 2,
-    "cooldown": 4,
+    "interval": 0,
+    "speedup": 0.0,
+    "warmup": -1,
+    "cooldown": -1,
     "tolerance": 0.0,
     "start_percent": 0.0,
     "end_percent": 1.0,
@@ -102,10 +103,22 @@ def test_node_defaults_are_abconfigs(nodes: Any) -> None:
     required = nodes.NODE_CLASS_MAPPINGS["ABCache"].INPUT_TYPES()["required"]
     defaults = {name: spec[1]["default"] for name, spec in required.items() if name != "model"}
     assert defaults == NODE_DEFAULTS
-    default = abcore.ABConfig()
-    assert (default.order, default.interval, default.warmup, default.cooldown) == (2, 5, 2, 4)
+    default = abcore.ABConfig()  # the node's 0 / -1 mean "not given": abcore's default call budget
+    assert (default.order, default.interval, default.warmup, default.cooldown) == (2, None, None, None)
+    assert default.budgeted and [default.budget(n) for n in (20, 28, 50)] == [9, 10, 15]
     assert all("tooltip" in spec[1] for spec in required.values())
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ABCache"] == "AB-Cache"
+
+
+def run_graph(cache: dict[str, Any], name: str = "q") -> Any:
+    """Run `prompt(cache)` without asserting its success: the executor."""
+    import execution
+
+    graph = prompt(cache)
+    executor = execution.PromptExecutor(Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    _valid, _, outputs, _ = asyncio.run(execution.validate_prompt(name, graph, None))
+    executor.execute(graph, name, {}, outputs)
+    return executor
 
 
 def test_prompt_graph_through_the_executor(nodes: Any, run_log: Any) -> None:
@@ -115,17 +128,29 @@ def test_prompt_graph_through_the_executor(nodes: Any, run_log: Any) -> None:
     run_log.runs.clear()
     out = execute(prompt(NODE_DEFAULTS))
     (run,) = run_log.runs
-    assert run.stats.computed == abcore.ABConfig().num_computed(20)
+    assert run.settings.config == abcore.ABConfig()
+    assert run.stats.computed == abcore.ABConfig().num_computed(20) == 9
+    assert run.schedule.sensitivity is not None  # euler: the budget is placed by the sampler's sensitivity
+    enabled = "AB-Cache enabled - order 2, a budget of 9 calls (5 + steps // 5) placed by the sampler's sensitivity"
+    assert any(m.startswith(enabled) for m in run_log.messages), run_log.messages
     assert any(m.startswith("AB-Cache - skipped 11/20 steps") for m in run_log.messages)
     assert 0 < comfy_env.relative_error(out, ref) < 1e-2
+    # interval >= 1: the previous default, the fixed schedule 0, 1, 5, 10, 15-19
+    run_log.runs.clear()
+    execute(prompt(dict(NODE_DEFAULTS, interval=5)))
+    (run,) = run_log.runs
+    assert run.settings.config == abcore.ABConfig(interval=5)
+    assert sorted(run.computed) == [0, 1, 5, 10, 15, 16, 17, 18, 19]
+    # speedup: floor(20 / 4) = 5 calls
+    run_log.runs.clear()
+    execute(prompt(dict(NODE_DEFAULTS, speedup=4.0)))
+    (run,) = run_log.runs
+    assert run.settings.config == abcore.ABConfig(speedup=4.0)
+    assert run.stats.computed == len(run.computed) == 5
     # a config the node cannot run is refused with an error, never ignored
-    import execution
-
-    graph = prompt(dict(NODE_DEFAULTS, order=1, tolerance=0.2))
-    executor = execution.PromptExecutor(Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
-    _valid, _, outputs, _ = asyncio.run(execution.validate_prompt("q", graph, None))
-    executor.execute(graph, "q", {}, outputs)
-    assert not executor.success
+    assert not run_graph(dict(NODE_DEFAULTS, order=1, tolerance=0.2)).success
+    assert not run_graph(dict(NODE_DEFAULTS, interval=5, speedup=2.0), "r").success
+    assert not run_graph(dict(NODE_DEFAULTS, speedup=0.5), "s").success
 
 
 def counted_sample(model: Any, family: str, steps: int) -> tuple[torch.Tensor, int]:
@@ -170,21 +195,27 @@ def test_side_by_side_with_easycache(nodes: Any, run_log: Any, family: str) -> N
     for threshold in (0.05, 0.1, 0.2):
         patched = easycache.execute(model, threshold, 0.15, 0.95, False)[0]
         ec_out, ec_calls = counted_sample(patched, family, steps)
-        config = matched_config(steps, ec_calls)
-        if config is None:
+        ec_error = comfy_env.relative_error(ec_out, ref)
+        # the same calls as a budget (placed by the sampler's sensitivity), and as the first fixed schedule
+        configs = [abcore.ABConfig(calls=ec_calls), matched_config(steps, ec_calls)]
+        for config in configs:
+            if config is None:
+                comfy_env.report(
+                    "EasyCache side by side (euler, simple, 30 steps, cfg 4)",
+                    header,
+                    [family, threshold, f"{ec_calls} / {ref_calls}", "", "no AB-Cache schedule with these calls", ""],
+                )
+                continue
+            ab_out, ab_calls = counted_sample(patch_model(model, Settings(config)), family, steps)
+            assert ab_calls == ec_calls
+            ab_error = comfy_env.relative_error(ab_out, ref)
+            if config.budgeted:
+                shown = f"calls={config.calls} (budget)"
+            else:
+                shown = f"interval {config.interval}, warmup {config.warmup}, cooldown {config.cooldown}"
             comfy_env.report(
                 "EasyCache side by side (euler, simple, 30 steps, cfg 4)",
                 header,
-                [family, threshold, f"{ec_calls} / {ref_calls}", "", "no AB-Cache schedule with these calls", ""],
+                [family, threshold, f"{ec_calls} / {ref_calls}", f"{ec_error:.2e}", shown, f"{ab_error:.2e}"],
             )
-            continue
-        ab_out, ab_calls = counted_sample(patch_model(model, Settings(config)), family, steps)
-        assert ab_calls == ec_calls
-        ec_error, ab_error = comfy_env.relative_error(ec_out, ref), comfy_env.relative_error(ab_out, ref)
-        shown = f"interval {config.interval}, warmup {config.warmup}, cooldown {config.cooldown}"
-        comfy_env.report(
-            "EasyCache side by side (euler, simple, 30 steps, cfg 4)",
-            header,
-            [family, threshold, f"{ec_calls} / {ref_calls}", f"{ec_error:.2e}", shown, f"{ab_error:.2e}"],
-        )
-        assert torch.isfinite(ab_out).all()
+            assert torch.isfinite(ab_out).all()

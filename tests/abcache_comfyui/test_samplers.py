@@ -84,6 +84,7 @@ def test_sampler(flux: Any, run_log: Any, sampler: str, scheduler: str) -> None:
     assert calls == ref_calls - saved
     assert calls == run.stats.computed + run.repeats + run.uncached
     planned = int(run.schedule.forced.sum())
+    assert planned == abcore.ABConfig().budget(STEPS)  # the default budget, 5 + 12 // 5 = 7 calls
     if run.uncached == 0 and run.repeats == 0 and ref_calls == STEPS and len(run.contexts) == 1:
         assert calls == planned, "one call per step: the node computes exactly the planned steps"
         computed = sorted(run.computed)
@@ -145,7 +146,12 @@ def test_start_end_percent_compute_outside(flux: Any, run_log: Any) -> None:
 
 
 def test_adaptive_mode_runs(flux: Any, run_log: Any) -> None:
-    ref, ref_calls = sample(flux, "euler", "simple", steps=30)
-    out, calls = sample(patched(flux, tolerance=0.2), "euler", "simple", steps=30)
-    assert calls < ref_calls
-    assert comfy_env.relative_error(out, ref) < 0.05
+    """euler: the state test (the estimated change of the result); another sampler: the output's relative change."""
+    for sampler, tolerance, test in (("euler", 0.01, "state"), ("dpmpp_2m", 0.2, "output")):
+        ref, ref_calls = sample(flux, sampler, "simple", steps=30)
+        run_log.runs.clear()
+        out, calls = sample(patched(flux, tolerance=tolerance), sampler, "simple", steps=30)
+        (run,) = run_log.runs
+        assert run.schedule.error == test
+        assert calls < ref_calls
+        assert comfy_env.relative_error(out, ref) < 0.05

@@ -41,7 +41,11 @@ Collectives = _processes.Collectives
 HERE = Path(__file__).parent
 # the model- and data-parallel cases: uncached, the default fixed schedule, adaptive (predicts some steps of 12 on
 # tiny Flux and Wan, and decides differently on the two prompts of the split batch)
-CACHES: dict[str, dict[str, Any] | None] = {"none": None, "fixed": {}, "adaptive": {"tolerance": 0.2}}
+CACHES: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "fixed": {},
+    "adaptive": {"tolerance": 0.2, "error": "output"},
+}
 # rank -> (generations, steps per generation): the ranks run different amounts of work
 PLANS = {0: (2, 12), 1: (3, 16)}
 

@@ -100,7 +100,7 @@ def test_adaptive_hook_equals_one_engine_over_both_contexts(correct, tiny):
 
     pipe.scheduler.set_timesteps(STEPS)
     sigmas = pipe.scheduler.sigmas[:STEPS].double().numpy()
-    steps = None if correct is False else linear_steps(pipe.scheduler)
+    steps = linear_steps(pipe.scheduler)  # the state test (and, unless correct=False, the correction) use them
     cache = _steps_on(sigmas, config, steps)
 
     def step(i, name, compute):

@@ -67,15 +67,15 @@ def test_config_errors_that_need_the_pipeline(tiny):
         enable_ab_cache(flux, ABCacheConfig(interval=3))
 
 
-def test_apply_with_its_defaults_and_no_scheduler_caches_and_says_the_cooldown_is_off(tiny):
+def test_apply_with_its_defaults_and_no_scheduler_caches_and_says_the_budget_is_off(tiny):
     """Issue 17 item 5: `apply_ab_cache(model)` with the documented defaults raised at every call (cool-down 4)."""
     pipe, kwargs = tiny.BUILDERS["sd3"]()
     calls = tiny.count_forward(pipe.transformer)
     hook = apply_ab_cache(pipe.transformer)
-    with pytest.warns(UserWarning, match="cooldown=4 needs the number of steps"):
+    with pytest.warns(UserWarning, match="default call budget needs the number of steps"):
         out = tiny.run(pipe, kwargs)
     assert torch.isfinite(out).all()
-    assert calls[0] == ABConfig(cooldown=0).num_computed(tiny.STEPS) == hook.stats.computed
+    assert calls[0] == ABConfig(interval=5, cooldown=0).num_computed(tiny.STEPS) == hook.stats.computed
 
 
 def test_exp_weighting_follows_prediction_type(tiny):

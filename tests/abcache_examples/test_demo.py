@@ -19,10 +19,16 @@ def test_demo_prints_the_table_and_writes_the_grid(tmp_path, capsys):
     out = tmp_path / "missing" / "folder" / "grid.png"  # issue 17: a missing folder failed after the whole run
     assert main(["demo", "--batch", "3", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for method in ("full 50 steps", "AB-Cache default (interval 5", "AB-Cache fast", "reuse (order 1)", "JAX/Flax"):
+    for method in (
+        "full 50 steps",
+        "AB-Cache default (budget 5 + n // 5",
+        "AB-Cache fast",
+        "reuse (order 1)",
+        "JAX/Flax",
+    ):
         assert method in text
-    # per model, the Fashion-MNIST model first: full 50 calls per branch, the default 15 (tail of 4 computed), the
-    # fast preset, reuse 15, and on `flow` the JAX run of the default
+    # per model, the Fashion-MNIST model first: full 50 calls per branch, the default budget 5 + 50 // 5 = 15, the
+    # fast preset, reuse 15 (interval 5, warm-up 2, last 4 computed), and on `flow` the JAX run of the default
     fast = FAST_CONFIG.to_ab_config().num_computed(50)
     models = ("fashion", "flow", "flow_ema", "eps", "v")
     rows = [[c.strip() for c in line.split("|")] for line in text.splitlines() if line.split(" ")[0] in models]
@@ -125,7 +131,7 @@ def test_grid_labels_are_not_cut():
     from abcache_examples.compare import grid_image
     from PIL import Image, ImageDraw, ImageFont
 
-    label = "flow_ema: AB-Cache default (interval 5, last 4 computed)\n15 calls, 52.6 dB"
+    label = "flow_ema: AB-Cache default (budget 5 + n // 5, placed by the sampler's sensitivity)\n15 calls, 52.6 dB"
     image = np.asarray(grid_image([("", [], [(label, np.ones((3, 1, 16, 16)))])]))  # white tiles: the ink is the label
     alone = Image.new("L", (2000, 200), 255)
     ImageDraw.Draw(alone).multiline_text((4, 4), label, fill=0, font=ImageFont.load_default())
@@ -137,7 +143,7 @@ def test_grid_labels_are_not_cut():
 def test_bench_quick_writes_report_plots_and_strips(tmp_path):
     import json
 
-    from abcache_examples.bench import DEFAULT_METHOD, FAST_METHOD, main
+    from abcache_examples.bench import DEFAULT_METHOD, FAST_METHOD, PREVIOUS_METHOD, main
 
     argv = ["--quick", "--models", "flow", "eps", "--seeds", "0", "--batch", "2", "--timing-repeats", "1"]
     assert main([*argv, "--out-dir", str(tmp_path)]) == 0
@@ -156,6 +162,7 @@ def test_bench_quick_writes_report_plots_and_strips(tmp_path):
         "the step index",
         "## Wall clock",
         "Step-to-step jitter",
+        "the previous default, `ABCacheConfig(interval=5)`",
     ):
         assert needle in report
     assert "MISSED" in report or "met" in report
@@ -165,6 +172,7 @@ def test_bench_quick_writes_report_plots_and_strips(tmp_path):
         records = json.loads((tmp_path / "benchmarks" / "results" / f"{model}.json").read_text())["records"]
         calls = {r["method"]: r["nfe"] for r in records}
         assert calls["full 50 steps"] == 50 and calls[DEFAULT_METHOD] == 15
+        assert calls[PREVIOUS_METHOD] == ABCacheConfig(interval=5).to_ab_config().num_computed(50) == 15
         assert calls[FAST_METHOD] == FAST_CONFIG.to_ab_config().num_computed(50) == 14
     # block caches only run on the DiT (the UNets have no transformer block stack)
     eps_records = json.loads((tmp_path / "benchmarks" / "results" / "eps.json").read_text())["records"]

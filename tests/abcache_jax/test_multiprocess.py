@@ -6,6 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import abcore
 import numpy as np
 
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
@@ -53,7 +54,9 @@ def test_two_processes_compute_the_same_steps_as_one(tmp_path):
             np.testing.assert_allclose(g[f"{name}_x"], np.asarray(single.x), rtol=1e-5, atol=1e-6)
         if name == "fixed":
             np.testing.assert_array_equal(computed, config.forced_mask(n))
-    # the adaptive test sums over the whole batch: each process's rows alone would decide otherwise
+    # the adaptive test (the state test: the sampler's steps are known) sums over the whole batch: each
+    # process's rows alone would decide otherwise
+    assert abcore.schedule(worker.CONFIGS["adaptive"], worker.GRID[:-1], worker.STEPS).error == "state"
     local = [g["adaptive_local"] for g in got]
     joint = got[0]["adaptive_computed"]
     assert 0 < joint.sum() < n

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-CONFIG = abcore.ABConfig()  # order 2, interval 5, warm-up 2, cool-down 4: 10 calls at 28 steps, 7 at 10
+CONFIG = abcore.ABConfig()  # order 2, a budget of 5 + n // 5 calls: 10 at 28 steps, 7 at 10
 X0 = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
 W = jnp.asarray([0.5, 1.0, 1.5, 2.0])
 

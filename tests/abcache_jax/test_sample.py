@@ -266,8 +266,12 @@ def test_bad_input_raises_naming_the_parameter():
     with pytest.raises(ValueError, match="config_or_plan"):  # a plan made with steps needs the same steps
         plan = abcore.make_plan(config, SIGMAS[:-1], abcore.LinearSteps.euler(SIGMAS))
         aj.sample(_apply, 1.0, x0, SIGMAS, aj.flow_euler_step, plan)
-    with pytest.raises(ValueError, match="cooldown"):
-        aj.sample(_apply, 1.0, x0, SIGMAS[:4], aj.flow_euler_step, config)
+    with pytest.raises(ValueError, match="cooldown"):  # the fixed schedule's cool-down is longer than the run
+        aj.sample(_apply, 1.0, x0, SIGMAS[:4], aj.flow_euler_step, abcore.ABConfig(interval=5))
+    with pytest.raises(ValueError, match="cooldown"):  # a warm-up and cool-down that do not fit the budget
+        aj.sample(_apply, 1.0, x0, SIGMAS, aj.flow_euler_step, abcore.ABConfig(calls=3, cooldown=4))
+    # the default budget fits any run: min(n, 5 + n // 5) calls, every step of a 3-step run
+    assert np.asarray(aj.sample(_apply, 1.0, x0, SIGMAS[:4], aj.flow_euler_step, config).computed).all()
 
 
 def test_off_plan_weights_follow_the_rule_after_a_fallback(x64):

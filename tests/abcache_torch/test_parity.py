@@ -276,10 +276,10 @@ def test_cooldown_or_mask_without_a_grid_is_refused(config, match):
         ABCache(lambda x, t: x, config)
     with pytest.raises(ValueError, match=match):  # no ContextState without a schedule that fits the config
         abcore.schedule(config)
-    cache = ABCache(lambda x, t: x, abcore.ABConfig(cooldown=0))  # a cache may be told the grid later ...
+    cache = ABCache(lambda x, t: x, abcore.ABConfig(interval=5, cooldown=0))  # a cache may be told the grid later ...
     with pytest.raises(ValueError, match=match):  # ... but not switched to the config without it
         cache.set_grid(config=config)
-    assert cache.config == abcore.ABConfig(cooldown=0)  # the refused set_grid changed nothing
+    assert cache.config == abcore.ABConfig(interval=5, cooldown=0)  # the refused set_grid changed nothing
     cache.set_grid(num_steps=3, config=config)  # with the number of steps: fine
     assert cache.config == config and cache.schedule.num_steps == 3
     cache(torch.ones(1), 1.0)

@@ -28,10 +28,18 @@ configs = st.builds(
 )
 
 
-def test_default_schedule_on_50_steps_computes_the_tail() -> None:
+def test_default_is_a_budget_that_scales_with_the_steps() -> None:
+    """5 + n // 5 calls (9 of 20, 10 of 28, 15 of 50); without the sampler's steps: warm-up 2, tail 2, even spacing."""
     plan = abcore.make_plan(abcore.ABConfig(), shifted_times(50))
-    assert np.flatnonzero(plan.compute).tolist() == [0, 1, *range(5, 50, 5), 46, 47, 48, 49]
+    assert np.flatnonzero(plan.compute).tolist() == [0, 1, 4, 8, 12, 16, 20, 25, 29, 33, 37, 41, 45, 48, 49]
     assert plan.num_computed == 15 == abcore.ABConfig().num_computed(50)
+    assert [abcore.ABConfig().num_computed(n) for n in (1, 4, 20, 28, 50, 100)] == [1, 4, 9, 10, 15, 25]
+
+
+def test_interval_schedule_on_50_steps_computes_the_tail() -> None:
+    plan = abcore.make_plan(abcore.ABConfig(interval=5), shifted_times(50))
+    assert np.flatnonzero(plan.compute).tolist() == [0, 1, *range(5, 50, 5), 46, 47, 48, 49]
+    assert plan.num_computed == 15 == abcore.ABConfig(interval=5).num_computed(50)
 
 
 def test_paper_default_schedule_on_50_steps() -> None:

@@ -171,7 +171,7 @@ def test_linear_steps_ddim_names_the_non_finite_input() -> None:
 
 
 def test_schedule_refuses_what_it_cannot_run_and_fit_shrinks_a_short_run() -> None:
-    config = abcore.ABConfig()  # warm-up 2, cool-down 4
+    config = abcore.ABConfig(interval=5)  # warm-up 2, cool-down 4
     with pytest.raises(ValueError, match="cooldown=4 is longer than the run of 2 steps"):
         abcore.schedule(config, TIMES[:2])
     sched = abcore.schedule(config, TIMES[:2], fit=True)  # issue 17 item 3: force=True on 1-3 steps
@@ -180,6 +180,11 @@ def test_schedule_refuses_what_it_cannot_run_and_fit_shrinks_a_short_run() -> No
         abcore.schedule(config)
     with pytest.raises(ValueError, match="disagrees"):
         abcore.schedule(config, TIMES, num_steps=4)
+    with pytest.warns(UserWarning, match="default call budget needs the number of steps"):
+        unknown = abcore.schedule(abcore.ABConfig())  # the interval rule without the tail
+    assert (unknown.config.interval, unknown.config.warmup, unknown.config.cooldown) == (5, 2, 0)
+    with pytest.raises(ValueError, match="calls=3 needs the number of steps"):
+        abcore.schedule(abcore.ABConfig(calls=3))
     with pytest.raises(ValueError, match="fit must be a bool"):
         abcore.schedule(config, TIMES, fit=1)
     with pytest.raises(TypeError, match=r"config must be an abcore\.ABConfig"):

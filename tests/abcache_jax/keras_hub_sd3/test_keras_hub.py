@@ -114,11 +114,20 @@ def test_every_step_computed_is_stock_bit_for_bit(sd3, stock, num_steps, guidanc
 
 
 @pytest.mark.parametrize(
-    ("num_steps", "expected"), [(8, [0, 1, 4, 5, 6, 7]), (28, [0, 1, 5, 10, 15, 20, 24, 25, 26, 27])]
+    ("interval", "num_steps", "expected"),
+    [
+        # the default budget, 5 + n // 5 calls: under 9 calls crowding towards the end, where SD3's shifted sigma
+        # steps are longest; from 9 calls one warm-up step, the last 3 steps and the rest evenly
+        (None, 8, [0, 2, 4, 5, 6, 7]),
+        (None, 28, [0, 2, 7, 10, 15, 19, 23, 25, 26, 27]),
+        # interval=5: the previous default, the fixed schedule (warm-up 2, cool-down 4)
+        (5, 8, [0, 1, 4, 5, 6, 7]),
+        (5, 28, [0, 1, 5, 10, 15, 20, 24, 25, 26, 27]),
+    ],
 )
-def test_default_config_calls_the_denoiser_at_the_planned_steps(sd3, stock, num_steps, expected):
-    config = abcore.ABConfig()
-    enable_ab_cache(sd3[0])
+def test_default_config_calls_the_denoiser_at_the_planned_steps(sd3, stock, interval, num_steps, expected):
+    config = abcore.ABConfig(interval=interval)
+    enable_ab_cache(sd3[0], None if interval is None else config)
     images, calls = generate(sd3, num_steps)
     assert calls == len(expected) == config.num_computed(num_steps)
     np.testing.assert_array_equal(np.flatnonzero(computed_steps(sd3[0])), expected)

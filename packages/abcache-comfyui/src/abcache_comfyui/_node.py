@@ -8,7 +8,7 @@ import abcore
 
 from abcache_comfyui._run import KEY, Settings, diffusion_model_wrapper, outer_sample_wrapper
 
-DEFAULT = abcore.ABConfig()
+DEFAULT = abcore.ABConfig()  # a call budget: the node's interval 0, speedup 0, warmup and cooldown -1
 
 
 def patch_model(model: Any, settings: Settings) -> Any:
@@ -26,10 +26,13 @@ class ABCacheNode:
     """AB-Cache: the diffusion model runs only at some steps; the others are extrapolated from its last outputs."""
 
     DESCRIPTION = (
-        "AB-Cache (training-free): the diffusion model runs at the warm-up steps, every `interval` steps and the "
-        "cool-down steps; at the others its output is extrapolated (Adams-Bashforth / Lagrange) from its last "
-        "`order` outputs at their real sigmas. With euler / ddim the computed steps also correct the predicted "
-        "ones. No calibration; works with every sampler (multi-stage samplers cache only their step calls)."
+        "AB-Cache (training-free): the diffusion model runs only at some steps; at the others its output is "
+        "extrapolated (Adams-Bashforth / Lagrange) from its last `order` outputs at their real sigmas. By default a "
+        "call budget of 5 + steps // 5 model calls (9 of 20, 10 of 28, 15 of 50) is placed by the sampler's "
+        "sensitivity (`speedup` sets another budget); `interval` >= 1 gives the fixed schedule (warm-up, every "
+        "`interval` steps, cool-down), `tolerance` > 0 the adaptive mode. With euler / ddim the computed steps also "
+        "correct the predicted ones. No calibration; works with every sampler (multi-stage samplers cache only "
+        "their step calls)."
     )
     CATEGORY = "advanced/model"
     FUNCTION = "patch"
@@ -54,29 +57,32 @@ class ABCacheNode:
                 "interval": (
                     "INT",
                     {
-                        "default": DEFAULT.interval,
-                        "min": 1,
+                        "default": 0,
+                        "min": 0,
                         "max": 100,
-                        "tooltip": "The model runs every `interval` steps after the warm-up (1: every step, "
-                        "no caching). In adaptive mode: the most steps in a row it may skip, plus one.",
+                        "tooltip": "0: a call budget places the model calls (the default, see speedup). >= 1: the "
+                        "fixed schedule, the model runs every `interval` steps after the warm-up (1: every step, "
+                        "no caching). In adaptive mode: the most steps in a row it may skip, plus one (0: 5).",
                     },
                 ),
                 "warmup": (
                     "INT",
                     {
-                        "default": DEFAULT.warmup,
-                        "min": 0,
+                        "default": -1,
+                        "min": -1,
                         "max": 1000,
-                        "tooltip": "Leading steps that always run the model (at least the first one does).",
+                        "tooltip": "Leading steps that always run the model (at least the first one does). "
+                        "-1: the default, the budget's own split (1 or 2), or 2 with an interval or a tolerance.",
                     },
                 ),
                 "cooldown": (
                     "INT",
                     {
-                        "default": DEFAULT.cooldown,
-                        "min": 0,
+                        "default": -1,
+                        "min": -1,
                         "max": 1000,
-                        "tooltip": "Trailing steps that always run the model: the last steps decide the details.",
+                        "tooltip": "Trailing steps that always run the model: the last steps decide the details. "
+                        "-1: the default, the budget's own split (0 to 3), or 4 with an interval or a tolerance.",
                     },
                 ),
                 "tolerance": (
@@ -85,10 +91,13 @@ class ABCacheNode:
                         "default": 0.0,
                         "min": 0.0,
                         "max": 10.0,
-                        "step": 0.01,
-                        "tooltip": "0: the fixed schedule above. Above 0: adaptive mode, a step is skipped only "
-                        "when the estimated relative error of its prediction is at most this (e.g. 0.2); "
-                        "needs order >= 2.",
+                        "step": 0.001,
+                        "tooltip": "0: the call budget or the fixed schedule above. Above 0: adaptive mode, a step "
+                        "is skipped only when the estimated error of its prediction is at most this; needs "
+                        "order >= 2, one decision for positive and negative. Where the sampler's step is linear "
+                        "(euler, ddim) the error is the estimated change of the final image relative to the "
+                        "output (e.g. 0.002-0.02); with other samplers the output's relative change (e.g. "
+                        "0.05-0.3).",
                     },
                 ),
                 "start_percent": (
@@ -120,6 +129,20 @@ class ABCacheNode:
                     },
                 ),
                 "verbose": ("BOOLEAN", {"default": False, "tooltip": "Log the decision at every step."}),
+                # last, so that workflows saved before it keep their widget values
+                "speedup": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "tooltip": "The call budget (with interval 0 and tolerance 0). 0: the default budget, "
+                        "5 + steps // 5 model calls (9 of 20, 15 of 50). >= 1: floor(steps / speedup) calls. "
+                        "The calls are placed where the sampler's result is most sensitive (euler / ddim), "
+                        "else evenly.",
+                    },
+                ),
             }
         }
 
@@ -128,6 +151,7 @@ class ABCacheNode:
         model: Any,
         order: int,
         interval: int,
+        speedup: float,
         warmup: int,
         cooldown: int,
         tolerance: float,
@@ -136,11 +160,21 @@ class ABCacheNode:
         correct: bool,
         verbose: bool,
     ) -> tuple[Any]:
+        if speedup > 0 and (interval > 0 or tolerance > 0):
+            raise ValueError(
+                f"speedup={speedup} sets a call budget: set interval and tolerance to 0 (got interval={interval}, "
+                f"tolerance={tolerance}), or speedup to 0 for the fixed schedule or the adaptive mode"
+            )
+        # None: not given, so abcore's own default (the budget's split, or the fixed schedule's 5 / 2 / 4)
+        schedule: dict[str, Any] = {
+            "interval": interval if interval > 0 else None,
+            "warmup": warmup if warmup >= 0 else None,
+            "cooldown": cooldown if cooldown >= 0 else None,
+        }
         config = abcore.ABConfig(
             order=order,
-            interval=interval,
-            warmup=warmup,
-            cooldown=cooldown,
+            **schedule,
+            speedup=float(speedup) if speedup > 0 else None,
             tolerance=float(tolerance) if tolerance > 0 else None,
             correct=None if correct else False,
         )

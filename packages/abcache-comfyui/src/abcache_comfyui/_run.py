@@ -41,7 +41,8 @@ log = logging.getLogger("abcache_comfyui")
 class Settings:
     """What the node was given; stored in the patched model's ``transformer_options["abcache"]``.
 
-    config: the AB-Cache settings (`abcore.ABConfig`; its cool-down is fitted to each run).
+    config: the AB-Cache settings (`abcore.ABConfig`): a call budget (the default) is placed on each run's
+        sigmas, a fixed schedule's warm-up and cool-down are fitted to each run (`run_config`).
     start_percent, end_percent: the part of the run where steps may be predicted, as ComfyUI's other cache
         nodes have it (``model_sampling.percent_to_sigma``): a step whose sigma is above the start sigma or
         at or below the end sigma computes.
@@ -121,17 +122,35 @@ def euler_steps(
         return None, str(error)
 
 
-def run_config(settings: Settings, grid: np.ndarray, model_sampling: Any, correct: bool) -> abcore.ABConfig:
-    """The run's `ABConfig`: the node's, fitted to n steps, with the start / end range as a compute mask."""
+def run_config(
+    settings: Settings, grid: np.ndarray, model_sampling: Any, steps: abcore.LinearSteps | None
+) -> abcore.ABConfig:
+    """The run's `ABConfig`: the node's, fitted to n steps, with the start / end range as a compute mask.
+
+    A call budget is placed on the run's sigmas by `abcore.schedule` (with the sampler's `steps`, by its
+    sensitivity), a warm-up and cool-down the node gives fitted into the budget; the fixed schedule's
+    warm-up and cool-down are fitted to n. Steps outside the start / end range are added as computed steps
+    (the budget then becomes its mask plus these).
+    """
     config, n = settings.config, grid.size - 1
-    fitted = dataclasses.replace(config, warmup=min(config.warmup, n), cooldown=min(config.cooldown, n))
-    mask = fitted.forced_mask(n)
+    if config.budgeted:
+        calls = config.budget(n)
+        warmup = None if config.warmup is None else min(config.warmup, calls)
+        room = calls - max(1, 2 if warmup is None else warmup)  # the budget's own warm-up is at most 2
+        cooldown = None if config.cooldown is None else max(0, min(config.cooldown, room))
+        fitted = dataclasses.replace(config, warmup=warmup, cooldown=cooldown)
+        mask = abcore.schedule(fitted, grid[:-1], steps).forced
+        assert mask is not None  # the times are given, so the schedule knows n
+    else:
+        fitted = dataclasses.replace(config, warmup=min(config.warmup, n), cooldown=min(config.cooldown, n))
+        mask = fitted.forced_mask(n)
     start = model_sampling.percent_to_sigma(settings.start_percent)
     end = model_sampling.percent_to_sigma(settings.end_percent)
     outside = (grid[:-1] > start) | (grid[:-1] <= end)
     if outside.any():
         mask = mask | outside
-        fitted = dataclasses.replace(fitted, compute_mask=tuple(bool(m) for m in mask))
+        fitted = dataclasses.replace(fitted, calls=None, speedup=None, compute_mask=tuple(bool(m) for m in mask))
+    correct = steps is not None and config.correct is not False
     return dataclasses.replace(fitted, correct=None if correct else False)
 
 
@@ -154,12 +173,13 @@ class Run:
         model_sampling = guider.model_patcher.model.model_sampling
         steps: abcore.LinearSteps | None = None
         self.correction = "off: the node's correct input is False"
-        if self.num_steps >= 1 and settings.config.correct is not False:
-            steps, why = euler_steps(sampler, denoise_mask, guider, grid)
-            self.correction = "on (euler)" if steps is not None else f"off: {why}"
         self.schedule: abcore.Schedule | None = None
         if self.num_steps >= 1:
-            config = run_config(settings, grid, model_sampling, steps is not None)
+            # the sampler's linear step places the budget and scales the adaptive test, with or without correction
+            steps, why = euler_steps(sampler, denoise_mask, guider, grid)
+            if settings.config.correct is not False:
+                self.correction = "on (euler)" if steps is not None else f"off: {why}"
+            config = run_config(settings, grid, model_sampling, steps)
             self.schedule = abcore.schedule(config, grid[:-1], steps)
         self.index: dict[float, list[int]] = {}
         for i, s in enumerate(grid[:-1].tolist()):
@@ -292,7 +312,7 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(settings, Settings):
             run = Run(settings, bound["sigmas"], bound["sampler"], bound.get("denoise_mask"), guider)
             options[KEY] = run
-            log.info("AB-Cache enabled - %s, %d steps", describe(settings), run.num_steps)
+            log.info("AB-Cache enabled - %s, %d steps", describe(run), run.num_steps)
         return executor(*args, **kwargs)
     finally:
         if run is not None:
@@ -300,10 +320,25 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         guider.model_options = original
 
 
-def describe(settings: Settings) -> str:
-    c = settings.config
-    mode = f"tolerance {c.tolerance}" if c.adaptive else f"interval {c.interval}"
-    text = f"order {c.order}, {mode}, warmup {c.warmup}, cooldown {c.cooldown}"
+def describe(run: Run) -> str:
+    """The run's settings, for the log: the budget and where it went, or the fixed / adaptive schedule."""
+    settings, c = run.settings, run.settings.config
+    if c.budgeted:
+        if c.calls is not None:
+            rule = f"calls={c.calls}"
+        else:
+            rule = f"floor(steps / {c.speedup})" if c.speedup is not None else "5 + steps // 5"
+        calls = f"{c.budget(run.num_steps)} calls ({rule})" if run.num_steps >= 1 else f"{rule} calls"
+        sensitive = run.schedule is not None and run.schedule.sensitivity is not None
+        placed = "by the sampler's sensitivity" if sensitive else "evenly"
+        mode = f"a budget of {calls} placed {placed}"
+    else:
+        mode = f"tolerance {c.tolerance}, interval {c.interval}" if c.adaptive else f"interval {c.interval}"
+    text = f"order {c.order}, {mode}"
+    for name in ("warmup", "cooldown"):
+        value = getattr(c, name)
+        if value is not None:
+            text += f", {name} {value}"
     if settings.start_percent > 0.0 or settings.end_percent < 1.0:
         text += f", start_percent {settings.start_percent}, end_percent {settings.end_percent}"
     return text

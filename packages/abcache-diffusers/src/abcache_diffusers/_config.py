@@ -28,7 +28,7 @@ class ABCacheConfig:
     Args:
         order (`int`, defaults to `2`):
             Number of computed outputs each prediction combines (k; error O(h^k)).
-        interval (`int`, defaults to `5`):
+        interval (`int`, defaults to `5` without a budget):
             One computed step every `interval` steps after the warm-up (`1` computes every step). In adaptive mode,
             the default bound on consecutive predictions is `interval - 1`.
         warmup (`int`, defaults to `2`):
@@ -38,9 +38,20 @@ class ABCacheConfig:
         compute_mask (`tuple[bool, ...]`, *optional*):
             Explicit per-step compute flags replacing the fixed schedule; must start with `True` and have one entry
             per denoising step of the call.
+        calls (`int`, *optional*):
+            A call budget instead of an interval: exactly `calls` denoising steps compute (of the call's steps),
+            placed by `abcore.budget_mask` (warm-up, tail, the rest evenly spaced); `warmup` and `cooldown` then
+            default to the budget's own split. Needs the number of steps (a scheduler).
+        speedup (`float`, *optional*):
+            The budget as a speed-up: `calls = floor(num_inference_steps / speedup)` (at least 1).
         tolerance (`float`, *optional*):
-            Enables the adaptive mode: a step is predicted only when the embedded error estimate
-            ||p_k - p_{k-1}|| / ||p_k|| is at most `tolerance` (needs `order >= 2`).
+            Enables the adaptive mode: a step is predicted only when the embedded error estimate passes the test
+            `error` (needs `order >= 2`).
+        error (`str`, *optional*):
+            The adaptive test. `"state"`: the estimated change of the final sample, |s_n| ||p_k - p_{k-1}|| <=
+            tolerance ||p_k|| with s_n the scheduler's sensitivity of its result to step n's output. `"output"`:
+            ||p_k - p_{k-1}|| <= tolerance ||p_k||. `None` (default): `"state"` where the scheduler's step is linear in
+            the model output, else `"output"`.
         max_predicted (`int`, *optional*):
             Adaptive mode: most consecutive predicted steps (default `interval - 1`).
         weighting (`str`, defaults to `"plain"`):
@@ -91,11 +102,14 @@ class ABCacheConfig:
 
     # abcore's fields, with abcore's defaults
     order: int = _AB_DEFAULTS.order
-    interval: int = _AB_DEFAULTS.interval
-    warmup: int = _AB_DEFAULTS.warmup
-    cooldown: int = _AB_DEFAULTS.cooldown
+    interval: int | None = None  # 5 unless a budget is set (abcore resolves it)
+    warmup: int | None = None
+    cooldown: int | None = None
     compute_mask: tuple[bool, ...] | None = _AB_DEFAULTS.compute_mask
+    calls: int | None = _AB_DEFAULTS.calls
+    speedup: float | None = _AB_DEFAULTS.speedup
     tolerance: float | None = _AB_DEFAULTS.tolerance
+    error: str | None = _AB_DEFAULTS.error
     max_predicted: int | None = _AB_DEFAULTS.max_predicted
     weighting: str = _AB_DEFAULTS.weighting
     predictor: str = _AB_DEFAULTS.predictor
@@ -116,7 +130,8 @@ class ABCacheConfig:
             raise ValueError(f"weighting must be one of {self.WEIGHTINGS}, got {self.weighting!r}")
         # abcore validates its own fields and names them in its errors.
         ab = self.to_ab_config("plain" if self.weighting == "exp" else self.weighting)
-        object.__setattr__(self, "compute_mask", ab.compute_mask)
+        for name in ("compute_mask", "interval", "warmup", "cooldown"):
+            object.__setattr__(self, name, getattr(ab, name))
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise ValueError(f"min_steps must be a non-negative int, got {self.min_steps!r}")
         if not isinstance(self.force, bool):

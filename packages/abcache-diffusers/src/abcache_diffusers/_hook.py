@@ -347,8 +347,11 @@ class ABCacheHook(ModelHook):
                     "are not forced to compute",
                 )
                 ab = dataclasses.replace(ab, cooldown=0)
-            if ab.compute_mask is not None:
-                raise ValueError("compute_mask needs the number of steps: pass scheduler= to apply_ab_cache")
+            if ab.compute_mask is not None or ab.calls is not None or ab.speedup is not None:
+                raise ValueError(
+                    "compute_mask and a call budget (calls, speedup) need the number of steps: "
+                    "pass scheduler= to apply_ab_cache"
+                )
             forward = cast(Callable[..., Any], self.fn_ref.original_forward)
             self._fallback = ABCache(
                 lambda *a, **k: forward(*a, **k), ab, time_fn=self._timestep, process_group=self._group(module)

@@ -270,7 +270,7 @@ class SchedulerView:
         # DPM-SDE's midpoint calls see the noise its step injects: a history of their own (stage 1)
         sde = "DPMSolverSDE" in type(scheduler).__name__
         stage = np.arange(grid.size, dtype=np.int64) % 2 if sde else stages(grid)
-        steps = linear_steps(scheduler) if config.correct is not False and not np.any(stage) else None
+        steps = linear_steps(scheduler) if not np.any(stage) else None  # the correction, the budget, the state test
         sigmas = None if getattr(scheduler, "sigmas", None) is None else _numpy(scheduler.sigmas)
         timesteps = scheduler.timesteps
         return cls(config, scheduler, timesteps, _numpy(timesteps), abscissa, weighting, grid, stage, steps, sigmas)

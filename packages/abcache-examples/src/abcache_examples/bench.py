@@ -48,7 +48,9 @@ from abcache_examples.models import FLOW_MODELS, UNET_MODELS
 ZOO = (*FLOW_MODELS, *UNET_MODELS)
 BUDGETS = (10, 13, 15, 18)
 TAIL_LABEL = {0: "no tail", 1: "last step computed", 3: "last 3 computed", 4: "last 4 computed"}
-DEFAULT_METHOD = "AB-Cache fixed, last 4 computed, corrected, interval 5"  # ABCacheConfig()
+DEFAULT_METHOD = "AB-Cache default (budget 5 + n // 5, placed by the sampler's sensitivity)"  # ABCacheConfig()
+DEFAULT_FAMILY = "AB-Cache default budget"
+PREVIOUS_METHOD = "AB-Cache fixed, last 4 computed, corrected, interval 5"  # ABCacheConfig(interval=5), the old default
 FAST_METHOD = "AB-Cache fixed order 3, last 4 computed, corrected, interval 6"  # compare.FAST_CONFIG
 MODEL_TITLES = {
     "fashion": "Fashion-MNIST flow DiT (28x28, patch 4), 50 Euler steps, shift 3, true CFG 3",
@@ -95,7 +97,8 @@ def _intervals_for(cooldown: int, budgets: Iterable[int], order: int = 2) -> lis
 
 
 def ab_jobs() -> list[Job]:
-    jobs = []
+    # the default, a call budget of its own; the previous default ABCacheConfig(interval=5) is PREVIOUS_METHOD below
+    jobs = [Job(DEFAULT_METHOD, DEFAULT_FAMILY, True, {"cache": ABCacheConfig()})]
     families = [(2, cooldown, correct) for cooldown in (0, 1, 3, 4) for correct in (False, True)]
     families += [(3, 3, True), (3, 4, True)]  # order 3 only pays with the tail and the correction
     for order, cooldown, correct in families:
@@ -249,11 +252,11 @@ def _record(run: Run, model: str, seed: int, section: str, job: Job | None) -> d
 
 
 def _thin(jobs: list[Job]) -> list[Job]:
-    """`--quick`: the first setting of each family, the default and the fast preset."""
+    """`--quick`: the first setting of each family, the default, the previous default and the fast preset."""
     seen: set[str] = set()
     kept = []
     for job in jobs:
-        if job.family not in seen or job.method in (DEFAULT_METHOD, FAST_METHOD):
+        if job.family not in seen or job.method in (DEFAULT_METHOD, PREVIOUS_METHOD, FAST_METHOD):
             seen.add(job.family)
             kept.append(job)
     return kept
@@ -429,7 +432,8 @@ def targets(settings: list[Setting], timing_: dict[str, Any] | None) -> list[tup
         speedup = STEPS / default.nfe
         out.append(
             (
-                f"default (interval 5, last 4 computed, corrected): {default.nfe:g} calls = {speedup:.2f}x, "
+                f"default (budget 5 + n // 5, placed by the sampler's sensitivity): {default.nfe:g} calls = "
+                f"{speedup:.2f}x, "
                 f"{default.psnr:.1f} dB (target >= 3x and >= 48 dB)",
                 speedup >= 3 and default.psnr >= 48,
             )
@@ -508,6 +512,14 @@ def _gpu_section(path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _budget_section(path: Path) -> list[str]:
+    """The call budgets at 20, 28 and 50 steps (`benchmarks/budget.py --report`), as that script wrote them."""
+    lines = ["## Call budgets at 20, 28 and 50 steps (`benchmarks/budget.py`)", ""]
+    if not path.exists():
+        return [*lines, f"Not measured: `{path.as_posix()}` does not exist (`python benchmarks/budget.py`).", ""]
+    return [*lines, path.read_text().strip(), ""]
+
+
 def _lms_section(path: Path) -> list[str]:
     lines = ["## Exact LMS coefficients against quadrature (50 steps, order 4)", ""]
     if not path.exists():
@@ -559,7 +571,8 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
         "denoiser's last block, so block caches are counted by what they really skip), the most any seed needed. "
         "Each family runs a grid of its settings; at each budget the best setting within it is shown, for "
         "AB-Cache and for every peer alike (peers tuned on the same seeds as ours). The zoo is described in "
-        "`packages/abcache-examples/src/abcache_examples/weights/README.md`.",
+        "`packages/abcache-examples/src/abcache_examples/weights/README.md`. The default, `ABCacheConfig()`, is "
+        f"the row `{DEFAULT_METHOD}`; the previous default, `ABCacheConfig(interval=5)`, the row `{PREVIOUS_METHOD}`.",
         "",
         "## Targets",
         "",
@@ -599,6 +612,7 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Pa
     ]
     lines += _gpu_section(meta["gpu_json"])
     lines += _lms_section(out_dir / "benchmarks" / "results" / "lms_coefficients.json")
+    lines += _budget_section(out_dir / "benchmarks" / "results" / "budget_summary.md")
     lines += ["## Fastest AB-Cache setting above 45 dB, per model", ""]
     for model, settings in aggregated.items():
         above = [s for s in settings if s.section == "main" and s.ours and s.psnr_lo >= 45]

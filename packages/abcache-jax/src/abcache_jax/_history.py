@@ -39,15 +39,15 @@ def accumulation_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def init_history(output_like: PyTree, config: abcore.ABConfig) -> History:
+def init_history(output_like: PyTree, config: abcore.ABConfig | abcore.Schedule) -> History:
     """An empty history for outputs shaped like `output_like` (arrays or ShapeDtypeStructs).
 
-    The rule state has room for ``config.max_run`` pending predicted steps.
+    The rule state has room for the schedule's (or ``config.max_run``) pending predicted steps.
     """
-    if not isinstance(config, abcore.ABConfig):
-        raise TypeError(f"config must be an abcore.ABConfig, got {type(config).__name__}")
-    order = config.order
-    outputs = jax.tree.map(lambda leaf: jnp.zeros((order, *leaf.shape), leaf.dtype), output_like)
+    if not isinstance(config, (abcore.ABConfig, abcore.Schedule)):
+        raise TypeError(f"config must be an abcore.ABConfig or abcore.Schedule, got {type(config).__name__}")
+    ab = config.config if isinstance(config, abcore.Schedule) else config
+    outputs = jax.tree.map(lambda leaf: jnp.zeros((ab.order, *leaf.shape), leaf.dtype), output_like)
     return History(outputs, abcore.begin(config, xp=jnp, dtype=time_dtype()))
 
 

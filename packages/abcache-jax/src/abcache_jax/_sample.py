@@ -220,7 +220,7 @@ def _run(owner_ref: Callable[[], Any], func: Any, spec: _Spec, params: PyTree, x
         return (x_next, history), (compute, out if spec.keep_outputs else None)
 
     xs = (jnp.asarray(np.arange(n)), grid[:-1], grid[1:])  # a literal (not an iota): unrolled, XLA folds the flags
-    carry = (x, init_history(out_shape, config))
+    carry = (x, init_history(out_shape, sched))
     (x, _), (computed, outputs) = lax.scan(body, carry, xs, unroll=spec.unroll)
     return Trajectory(x, computed, outputs)
 

@@ -145,9 +145,11 @@ def enable_ab_cache(task: Any, config: abcore.ABConfig | None = None) -> None:
 
     The denoiser runs at the steps the config computes; the others are predicted by Lagrange
     extrapolation of the guided velocity through the last ``config.order`` computed ones at their
-    real sigmas (Eq. 3.5, error O(h^k)) and corrected on the scheduler's Euler step. With the default
-    `abcore.ABConfig()` 28 steps make 10 denoiser calls (steps 0, 1, 5, 10, 15, 20, 24, 25, 26, 27);
-    ``ABConfig(interval=1)`` computes every step and gives keras-hub's images bit for bit.
+    real sigmas (Eq. 3.5, error O(h^k)) and corrected on the scheduler's Euler step. The default
+    `abcore.ABConfig()` is a budget of 5 + n // 5 calls placed by the Euler step's sensitivity: on SD3's
+    shifted grid 28 steps make 10 denoiser calls (steps 0, 2, 7, 10, 15, 19, 23, 25, 26, 27: one warm-up
+    step, the last 3, the rest evenly); ``ABConfig(interval=5)`` is the previous fixed schedule (steps 0, 1, 5, 10, 15, 20,
+    24-27) and ``ABConfig(interval=1)`` computes every step and gives keras-hub's images bit for bit.
     Calling it again replaces the config (the programs compiled for other configs are kept).
     Needs ``KERAS_BACKEND=jax``.
 
@@ -158,7 +160,8 @@ def enable_ab_cache(task: Any, config: abcore.ABConfig | None = None) -> None:
     Args:
         task: a keras-hub `TextToImage` task whose backbone has Stable Diffusion 3's loop
             (``encode_text_step``, a flow-matching ``scheduler``, ``diffuser``, ``cfg``, ``decode_step``).
-        config: an `abcore.ABConfig` (fixed schedule, or adaptive with ``tolerance``); None for the default.
+        config: an `abcore.ABConfig` (a call budget, the fixed schedule, or adaptive with ``tolerance``); None
+            for the default.
 
     Raises:
         RuntimeError: when Keras does not run on the JAX backend.

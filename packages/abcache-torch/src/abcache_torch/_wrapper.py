@@ -94,8 +94,10 @@ class ABCache:
 
     Args:
         model: the denoiser. Unknown attributes of the wrapper are looked up on it.
-        config: an ``abcore.ABConfig`` (default ``ABConfig()``: order 2, interval 5, warm-up 2,
-            cool-down 4, which needs `times` or `num_steps`).
+        config: an ``abcore.ABConfig`` (default ``ABConfig()``: order 2 and a budget of 5 + n // 5 calls on
+            n steps, placed by the sampler's sensitivity with `steps`, else evenly; the budget needs `times` or
+            `num_steps`, without them it falls back, with a warning, to one call in 5 after a warm-up of 2;
+            ``ABConfig(interval=5)`` is the previous default, the fixed schedule).
         time_arg: where the step time is in a call: a positional index or a keyword name. Default:
             the keyword ``timestep``, ``timesteps``, ``sigma`` or ``t`` when given, else the second
             positional argument.

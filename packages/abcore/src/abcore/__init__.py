@@ -8,7 +8,8 @@ executed by every adapter (numpy, PyTorch, a JAX scan, the diffusers hook):
     d = abcore.decide(sched, state, i)                # compute or predict; weights w, e, c
     state = abcore.complete(sched, state, i, computed)
 
-`joint` is the adaptive decision of a group of contexts, `make_plan` the fold of the rule over a grid
+`fit_weights` fits prediction weights to recorded trajectories (opt-in, for fixed schedules); `joint` is the
+adaptive decision of a group of contexts, `make_plan` the fold of the rule over a grid
 (fixed mode), `sample` the numpy reference executor. For other samplers, `multistep_table` gives the
 exact variable-step Adams-Bashforth (LMS) weights of a whole schedule in numpy, torch or jax.numpy.
 The paper's theory and the weight functions are in `abcore.theory`, test helpers in `abcore.testing`.
@@ -16,6 +17,7 @@ The paper's theory and the weight functions are in `abcore.theory`, test helpers
 
 from abcore import theory as theory  # `abcore.theory.x` after `import abcore`
 from abcore._config import ABConfig
+from abcore._learned import fit_weights
 from abcore._plan import CachePlan, make_plan
 from abcore._reference import Trajectory, sample
 from abcore._rule import RuleState, Schedule, begin, complete, decide, joint, schedule
@@ -35,6 +37,7 @@ __all__ = [
     "begin",
     "complete",
     "decide",
+    "fit_weights",
     "joint",
     "lambda_from_alphas_cumprod",
     "lambda_from_sigma",

@@ -36,6 +36,7 @@ def sample(
     config: ABConfig,
     *,
     steps: LinearSteps | None = None,
+    weights: Any = None,
     callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> Trajectory:
     """Run a sampler with AB-Cache: x_{i+1} = step_fn(x_i, out_i, grid[i], grid[i+1]).
@@ -46,12 +47,13 @@ def sample(
     back to a model call. `steps`: the sampler's `LinearSteps` (x_{i+1} = a_i x_i + b_i out_i),
     which enables the correction of predicted steps (``config.correct``): at a computed step the
     output used is f_n + sum_l c_l [f_n, H]_l. With `steps` and no `step_fn` the step is `steps.apply`.
+    `weights`: learned prediction weights (`abcore.fit_weights`), see `abcore.schedule`.
     """
     t = as_grid(grid)
     n = t.size - 1
     if step_fn is None and steps is None:
         raise ValueError("step_fn is required unless steps=LinearSteps(...) gives the step")
-    sched = schedule(config, t[:-1], steps)
+    sched = schedule(config, t[:-1], steps, weights=weights)
     x = np.asarray(x)
     state = begin(sched)
     history: list[np.ndarray] = []

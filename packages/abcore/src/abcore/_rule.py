@@ -25,12 +25,14 @@ Pure arithmetic on fixed shapes in the namespace `xp`: the state fits a `lax.sca
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from abcore._config import ABConfig
+from abcore._config import INTERVAL, WARMUP, ABConfig, longest_run
+from abcore._learned import learned_corrections
 from abcore._steps import LinearSteps
 from abcore._validate import as_times, check_order
 from abcore._weights import barycentric_weights
@@ -107,6 +109,11 @@ class Schedule:
         fixed mode the interval); None when n is unknown.
     a, b: (n,) the sampler's step x_{j+1} = a_j x_j + b_j out_j (`LinearSteps`), or None.
     correct: whether computed steps correct the predicted ones (`ABConfig.corrects`).
+    error: the adaptive test, "state" or "output" (`ABConfig.error`); None in fixed mode.
+    sensitivity: (n,) s_j = b_j prod_{l>j} a_l, how much the final sample moves per unit of step j's
+        output (None without steps).
+    learned, learned_correction: (n, order) fitted prediction weights (`abcore.fit_weights`) and the
+        (n, order + 1) correction weights that go with them, or None for the Lagrange rule.
     """
 
     config: ABConfig
@@ -116,6 +123,17 @@ class Schedule:
     a: np.ndarray | None
     b: np.ndarray | None
     correct: bool
+    error: str | None = None
+    sensitivity: np.ndarray | None = None
+    learned: np.ndarray | None = None
+    learned_correction: np.ndarray | None = None
+
+    @property
+    def max_run(self) -> int:
+        """The most consecutive predicted steps (the length of the rule's pending list)."""
+        if self.forced is not None and not self.config.adaptive:
+            return longest_run(self.forced)
+        return self.config.max_run
 
     def node(self, i: Any, time: Any = None, xp: Any = np) -> Any:
         """The abscissa of step i: i itself for ``abscissa="index"``, else its time (given, or from `times`)."""
@@ -147,13 +165,16 @@ def schedule(
     *,
     num_steps: int | None = None,
     fit: bool = False,
+    weights: Any = None,
 ) -> Schedule:
     """The `Schedule` of `config` on a run of n steps: the call times (n values), or only `num_steps`.
 
     `steps`: the sampler's `LinearSteps` (n entries), which enables the correction (``config.correct``).
     `fit`: shrink warm-up and cool-down to a run shorter than them (``force=True`` on a short run) instead
-    of raising. Raises ValueError, naming the parameter, when the sizes disagree or the schedule does
-    not fit the run, and when ``correct=True`` has no steps.
+    of raising. `weights`: (n, order) learned prediction weights from `abcore.fit_weights` on this schedule
+    (opt-in; fixed schedules with weighting "plain"), used instead of the Lagrange weights, the correction on
+    top. Raises ValueError, naming the parameter, when the sizes disagree or the schedule does not fit the
+    run, and when ``correct=True`` has no steps.
     """
     if not isinstance(config, ABConfig):
         raise TypeError(f"config must be an abcore.ABConfig, got {type(config).__name__}")
@@ -171,18 +192,75 @@ def schedule(
         raise ValueError(f"the number of steps disagrees: {known}")
     n = next(iter(known.values()), None)
     if n is not None and fit and config.compute_mask is None:
-        config = dataclasses.replace(config, warmup=min(config.warmup, n), cooldown=min(config.cooldown, n))
+        given = {name: getattr(config, name) for name in ("warmup", "cooldown")}
+        config = dataclasses.replace(config, **{k: min(v, n) for k, v in given.items() if v is not None})
     if n is None and (config.cooldown or config.compute_mask is not None):
         what = f"cooldown={config.cooldown}" if config.cooldown else "compute_mask"
         raise ValueError(f"{what} needs the number of steps: give the times, the steps or num_steps")
-    forced = None if n is None else config.forced_mask(n)
+    if n is None and config.budgeted:
+        config = _without_budget(config)
+    sensitivity = None if steps is None else sensitivities(steps)
+    forced = None if n is None else config.forced_mask(n, sensitivity)
     correct = config.corrects(steps is not None)
     a = None if steps is None else steps.a
     b = None if steps is None else steps.b
-    for array in (t, forced):
+    error = None
+    if config.adaptive:
+        error = config.error or ("state" if steps is not None else "output")
+        if error == "state" and steps is None:
+            raise ValueError(
+                "error='state' scales the estimate by the sampler's sensitivity and needs steps=abcore.LinearSteps(...);"
+                " pass error='output' for the output's relative change"
+            )
+    for array in (t, forced, sensitivity):
         if array is not None:
             array.flags.writeable = False
-    return Schedule(config, n, t, forced, a, b, correct)
+    sched = Schedule(config, n, t, forced, a, b, correct, error, sensitivity)
+    return sched if weights is None else _with_weights(sched, weights)
+
+
+def _with_weights(sched: Schedule, weights: Any) -> Schedule:
+    config = sched.config
+    if config.adaptive or sched.forced is None or config.weighting != "plain" or config.predictor != "lagrange":
+        raise ValueError(
+            "weights need a fixed schedule on a known number of steps with weighting='plain' and "
+            f"predictor='lagrange', got {config!r}"
+        )
+    w = np.array(weights, dtype=np.float64)
+    if w.shape != (sched.num_steps, config.order) or not np.all(np.isfinite(w)):
+        raise ValueError(
+            f"weights must be finite, of shape (n, order) = {(sched.num_steps, config.order)}, got {w.shape}"
+        )
+    table = learned_corrections(sched, w)
+    w.flags.writeable = table.flags.writeable = False
+    return dataclasses.replace(sched, learned=w, learned_correction=table)
+
+
+def _without_budget(config: ABConfig) -> ABConfig:
+    """The default budget on a run of unknown length: the interval rule (5, warm-up 2), without the tail."""
+    if config.calls is not None or config.speedup is not None:
+        what = f"calls={config.calls}" if config.calls is not None else f"speedup={config.speedup}"
+        raise ValueError(f"{what} needs the number of steps: give the times, the steps or num_steps")
+    if config.cooldown:
+        raise ValueError(
+            f"cooldown={config.cooldown} needs the number of steps: give the times, the steps or num_steps"
+        )
+    if config.cooldown is None:
+        warnings.warn(
+            "the default call budget needs the number of steps: without it one step in 5 computes after a "
+            "warm-up of 2 and the last steps are not forced to compute (give the times, the steps or num_steps)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dataclasses.replace(
+        config, interval=INTERVAL, warmup=WARMUP if config.warmup is None else config.warmup, cooldown=0
+    )
+
+
+def sensitivities(steps: LinearSteps) -> np.ndarray:
+    """s_j = b_j prod_{l=j+1}^{n-1} a_l: the final state's change per unit change of step j's output."""
+    tail = np.append(np.cumprod(steps.a[::-1])[::-1][1:], 1.0)
+    return steps.b * tail
 
 
 def begin(schedule: Schedule | ABConfig, xp: Any = np, dtype: Any = None) -> RuleState:
@@ -190,8 +268,9 @@ def begin(schedule: Schedule | ABConfig, xp: Any = np, dtype: Any = None) -> Rul
 
     Only the config matters: a `Schedule` or its `ABConfig`. `dtype`: of the abscissae (default float64).
     """
-    config = schedule.config if isinstance(schedule, Schedule) else schedule
-    return init_state(config, config.max_run, xp, dtype)
+    if isinstance(schedule, Schedule):
+        return init_state(schedule.config, schedule.max_run, xp, dtype)
+    return init_state(schedule, schedule.max_run, xp, dtype)
 
 
 def decide(schedule: Schedule, state: RuleState, i: Any, time: Any = None, xp: Any = np) -> Decision:
@@ -209,6 +288,10 @@ def decide(schedule: Schedule, state: RuleState, i: Any, time: Any = None, xp: A
         must = must | (count < 2) | (state.consecutive >= config.predicted_limit)
     nodes, target = _predictor_nodes(config, state, node, xp)
     w, e = history_weights(nodes, state.valid, target, config.order, config.weighting, xp)
+    if schedule.error == "state":
+        e = e * xp.abs(xp.asarray(cast(np.ndarray, schedule.sensitivity))[i])
+    if schedule.learned is not None:  # opt-in fitted weights, and the correction that goes with them
+        return Decision(must, xp.asarray(schedule.learned)[i], e, xp.asarray(schedule.learned_correction)[i])
     if schedule.correct and (xp is not np or bool(np.any(state.pending_valid))):
         c = correction_weights(config, state, node, *schedule.coefficients(i, xp), xp)
     else:

@@ -48,8 +48,8 @@ def parity_model(x: Any, t: Any, xp: Any = np) -> Any:
 
 
 def config_sweep() -> list[ABConfig]:
-    """ABConfigs that cover every axis: fixed / adaptive, correction on / off / auto, cool-down, mask,
-    abscissa, predictor and weighting (orders 1-3). For adapter parity tests against `abcore.sample`."""
+    """ABConfigs that cover every axis: fixed / adaptive (state and output tests) / budget, correction on /
+    off / auto, cool-down, mask, abscissa, predictor and weighting (orders 1-3). For adapter parity tests against `abcore.sample`."""
     configs = []
     for order in (1, 2, 3):
         for interval in (1, 2, 3, 5):
@@ -69,8 +69,14 @@ def config_sweep() -> list[ABConfig]:
                     ABConfig(order=order, interval=4, warmup=2, cooldown=2, tolerance=tolerance, correct=correct)
                 )
         configs.append(ABConfig(order=order, tolerance=0.05, max_predicted=5, cooldown=0, abscissa="index"))
+        configs.append(ABConfig(order=order, interval=4, cooldown=2, tolerance=0.1, error="output"))
     mask = (True, True, False, False, True, False, False, False, True, False, True, True)
     configs.append(ABConfig(order=2, compute_mask=mask, cooldown=0, correct=True))
+    configs += [
+        ABConfig(calls=5),
+        ABConfig(order=3, speedup=2.5, correct=False),
+        ABConfig(calls=6, warmup=2, cooldown=1),
+    ]
     return configs
 
 
