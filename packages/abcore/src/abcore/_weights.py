@@ -231,8 +231,9 @@ def barycentric_weights(nodes: Any, valid: Any, target: Any, xp: Any = np) -> An
     w_i = (c_i / (target - x_i)) / sum_j (c_j / (target - x_j)), c_i = 1 / prod_{j != i} (x_i - x_j),
     over the entries where `valid` is true (others get weight 0). sum_i w_i f(x_i) is the
     value at `target` of the polynomial of degree < m through the m valid points, so the
-    weights sum to 1 and reproduce polynomials of degree < m. A target equal to a node
-    gives that node's unit vector. Pure array arithmetic: runs under `jax.jit` with
+    weights sum to 1 and reproduce polynomials of degree < m. A target at a node (within
+    1e-32 of the nodes' spread, where 1 / (target - x_i) would overflow) gives that node's
+    unit vector. Pure array arithmetic: runs under `jax.jit` with
     `xp=jax.numpy`; validation is the caller's job (see `extrapolation_weights`).
     """
     x = xp.asarray(nodes)
@@ -246,7 +247,7 @@ def barycentric_weights(nodes: Any, valid: Any, target: Any, xp: Any = np) -> An
     diffs = xp.where(pair_valid & ~eye, diffs / spread, diffs)
     c = 1.0 / xp.prod(diffs, axis=1)
     d = target - x
-    exact = (d == 0) & valid
+    exact = (xp.abs(d) <= 1e-32 * spread) & valid  # at a node (closer than 1/d can represent: that node's value)
     d_safe = xp.where(exact | ~valid, xp.ones_like(d), d / spread)
     terms = xp.where(valid, c / d_safe, xp.zeros_like(d))
     total = xp.sum(terms)
