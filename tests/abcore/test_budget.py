@@ -89,6 +89,15 @@ def test_budget_and_error_validate(kwargs: dict, match: str) -> None:
         abcore.ABConfig(**kwargs)
 
 
+def test_fit_shrinks_a_budgets_warmup_and_tail_into_its_calls() -> None:
+    with pytest.raises(ValueError, match="more than the budget"):
+        abcore.schedule(abcore.ABConfig(calls=3, cooldown=4), num_steps=10)
+    fitted = abcore.schedule(abcore.ABConfig(calls=3, cooldown=4), num_steps=10, fit=True)
+    assert fitted.config.cooldown == 2 and np.flatnonzero(fitted.forced).tolist() == [0, 8, 9]
+    fitted = abcore.schedule(abcore.ABConfig(calls=3, warmup=5, cooldown=4), num_steps=10, fit=True)
+    assert (fitted.config.warmup, fitted.config.cooldown) == (3, 0) and fitted.forced.sum() == 3
+
+
 def test_budget_needs_the_number_of_steps() -> None:
     with pytest.raises(ValueError, match="number of steps"):
         abcore.schedule(abcore.ABConfig(calls=5))

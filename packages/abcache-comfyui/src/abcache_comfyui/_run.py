@@ -26,7 +26,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import abcore
 import numpy as np
@@ -127,23 +127,13 @@ def run_config(
 ) -> abcore.ABConfig:
     """The run's `ABConfig`: the node's, fitted to n steps, with the start / end range as a compute mask.
 
-    A call budget is placed on the run's sigmas by `abcore.schedule` (with the sampler's `steps`, by its
-    sensitivity), a warm-up and cool-down the node gives fitted into the budget; the fixed schedule's
-    warm-up and cool-down are fitted to n. Steps outside the start / end range are added as computed steps
-    (the budget then becomes its mask plus these).
+    `abcore.schedule(..., fit=True)` places a call budget on the run's sigmas (with the sampler's `steps`, by
+    its sensitivity) and fits a given warm-up and cool-down into the budget, or the fixed schedule's into n.
+    Steps outside the start / end range are added as computed steps (a budget then becomes its mask plus these).
     """
-    config, n = settings.config, grid.size - 1
-    if config.budgeted:
-        calls = config.budget(n)
-        warmup = None if config.warmup is None else min(config.warmup, calls)
-        room = calls - max(1, 2 if warmup is None else warmup)  # the budget's own warm-up is at most 2
-        cooldown = None if config.cooldown is None else max(0, min(config.cooldown, room))
-        fitted = dataclasses.replace(config, warmup=warmup, cooldown=cooldown)
-        mask = abcore.schedule(fitted, grid[:-1], steps).forced
-        assert mask is not None  # the times are given, so the schedule knows n
-    else:
-        fitted = dataclasses.replace(config, warmup=min(config.warmup, n), cooldown=min(config.cooldown, n))
-        mask = fitted.forced_mask(n)
+    config = settings.config
+    placed = abcore.schedule(config, grid[:-1], steps, fit=True)
+    fitted, mask = placed.config, cast(np.ndarray, placed.forced)  # the times are given: n is known
     start = model_sampling.percent_to_sigma(settings.start_percent)
     end = model_sampling.percent_to_sigma(settings.end_percent)
     outside = (grid[:-1] > start) | (grid[:-1] <= end)

@@ -9,7 +9,7 @@ recorded full trajectories (L2P-Cache's idea) can replace the Lagrange ones:
 m_1 > m_2 > ... the computed steps before j (newest first, as the rule's history). Exact data from a
 polynomial of degree < k in the abscissa gives back the Lagrange weights. The correction stays on top:
 a computed step n adds (a_n / b_n) sum_j s_j (w~_j - [0, w_j]) with the fitted w_j in place of the Lagrange
-ones (module `abcore._rule`), precomputed per step since the schedule is fixed.
+ones (`abcore.theory.correction_weights` with ``used``), precomputed per step since the schedule is fixed.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from abcore._weights import barycentric_weights
 
 
 def history_steps(forced: np.ndarray, order: int) -> list[list[int]]:
@@ -60,31 +58,3 @@ def fit_weights(schedule: Any, outputs: Any) -> np.ndarray:
         solution, *_ = np.linalg.lstsq(basis, f[j], rcond=None)
         weights[j, : len(nodes)] = solution
     return weights
-
-
-def learned_corrections(schedule: Any, weights: np.ndarray) -> np.ndarray:
-    """(n, order + 1) correction weights over [f_n, H_0, ...] of each computed step with the fitted `weights`."""
-    forced, order = schedule.forced, schedule.config.order
-    table = np.zeros((schedule.num_steps, order + 1))
-    if not schedule.correct:
-        return table
-    history = history_steps(forced, order)
-    pending: list[int] = []
-    for n, flag in enumerate(forced):
-        if not flag:
-            pending.append(n)
-            continue
-        if pending:
-            nodes = [schedule.node(n), *(schedule.node(m) for m in history[n])]
-            ext = np.zeros(order + 1)
-            ext[: len(nodes)] = nodes
-            valid = np.arange(order + 1) < len(nodes)
-            a_n, b_n = schedule.coefficients(n)
-            for j in pending:
-                a_between = 1.0 if schedule.a is None else float(np.prod(schedule.a[j + 1 : n]))
-                s_j = float(schedule.coefficients(j)[1]) * a_between
-                w_tilde = barycentric_weights(ext, valid, schedule.node(j), np)
-                table[n] += s_j * (w_tilde - np.concatenate([[0.0], weights[j]]))
-            table[n] *= a_n / b_n
-        pending = []
-    return table

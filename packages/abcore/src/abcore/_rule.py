@@ -32,7 +32,6 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 
 from abcore._config import INTERVAL, WARMUP, ABConfig, longest_run
-from abcore._learned import learned_corrections
 from abcore._steps import LinearSteps
 from abcore._validate import as_times, check_order
 from abcore._weights import barycentric_weights
@@ -170,8 +169,8 @@ def schedule(
     """The `Schedule` of `config` on a run of n steps: the call times (n values), or only `num_steps`.
 
     `steps`: the sampler's `LinearSteps` (n entries), which enables the correction (``config.correct``).
-    `fit`: shrink warm-up and cool-down to a run shorter than them (``force=True`` on a short run) instead
-    of raising. `weights`: (n, order) learned prediction weights from `abcore.fit_weights` on this schedule
+    `fit`: shrink warm-up and cool-down to a run shorter than them (``force=True`` on a short run), and a
+    budget's into its calls, instead of raising. `weights`: (n, order) learned prediction weights from `abcore.fit_weights` on this schedule
     (opt-in; fixed schedules with weighting "plain"), used instead of the Lagrange weights, the correction on
     top. Raises ValueError, naming the parameter, when the sizes disagree or the schedule does not fit the
     run, and when ``correct=True`` has no steps.
@@ -192,8 +191,7 @@ def schedule(
         raise ValueError(f"the number of steps disagrees: {known}")
     n = next(iter(known.values()), None)
     if n is not None and fit and config.compute_mask is None:
-        given = {name: getattr(config, name) for name in ("warmup", "cooldown")}
-        config = dataclasses.replace(config, **{k: min(v, n) for k, v in given.items() if v is not None})
+        config = _fitted(config, n)
     if n is None and (config.cooldown or config.compute_mask is not None):
         what = f"cooldown={config.cooldown}" if config.cooldown else "compute_mask"
         raise ValueError(f"{what} needs the number of steps: give the times, the steps or num_steps")
@@ -219,6 +217,17 @@ def schedule(
     return sched if weights is None else _with_weights(sched, weights)
 
 
+def _fitted(config: ABConfig, n: int) -> ABConfig:
+    """``fit=True``: a given warm-up and cool-down shrunk to the run, and a budget's into its calls (the
+    warm-up first: at least one call, then the tail; an automatic warm-up yields to a given tail)."""
+    limit = config.budget(n) if config.budgeted else n
+    warmup = None if config.warmup is None else min(config.warmup, limit)
+    cooldown = config.cooldown
+    if cooldown is not None:
+        cooldown = min(cooldown, limit - max(1, warmup or 0) if config.budgeted else n)
+    return dataclasses.replace(config, warmup=warmup, cooldown=cooldown)
+
+
 def _with_weights(sched: Schedule, weights: Any) -> Schedule:
     config = sched.config
     if config.adaptive or sched.forced is None or config.weighting != "plain" or config.predictor != "lagrange":
@@ -231,7 +240,18 @@ def _with_weights(sched: Schedule, weights: Any) -> Schedule:
         raise ValueError(
             f"weights must be finite, of shape (n, order) = {(sched.num_steps, config.order)}, got {w.shape}"
         )
-    table = learned_corrections(sched, w)
+    n, forced = cast(int, sched.num_steps), cast(np.ndarray, sched.forced)
+    table = np.zeros((n, config.order + 1))
+    if sched.correct:  # fold the rule over the fixed mask; each computed step corrects with the weights used
+        state = begin(sched)
+        pending: list[int] = []
+        for i, computed in enumerate(forced):
+            if computed and pending:
+                used = np.zeros((state.pending_nodes.shape[0], config.order))
+                used[: len(pending)] = w[pending]
+                table[i] = correction_weights(config, state, sched.node(i), *sched.coefficients(i), used=used)
+            pending = [] if computed else [*pending, i]
+            state = complete(sched, state, i, bool(computed))
     w.flags.writeable = table.flags.writeable = False
     return dataclasses.replace(sched, learned=w, learned_correction=table)
 
@@ -268,9 +288,8 @@ def begin(schedule: Schedule | ABConfig, xp: Any = np, dtype: Any = None) -> Rul
 
     Only the config matters: a `Schedule` or its `ABConfig`. `dtype`: of the abscissae (default float64).
     """
-    if isinstance(schedule, Schedule):
-        return init_state(schedule.config, schedule.max_run, xp, dtype)
-    return init_state(schedule, schedule.max_run, xp, dtype)
+    config = schedule.config if isinstance(schedule, Schedule) else schedule
+    return init_state(config, schedule.max_run, xp, dtype)
 
 
 def decide(schedule: Schedule, state: RuleState, i: Any, time: Any = None, xp: Any = np) -> Decision:
@@ -349,11 +368,14 @@ def _predictor_nodes(config: ABConfig, state: RuleState, node: Any, xp: Any) -> 
     return state.nodes, node
 
 
-def correction_weights(config: ABConfig, state: RuleState, node: Any, a: Any, b: Any, xp: Any = np) -> Any:
+def correction_weights(
+    config: ABConfig, state: RuleState, node: Any, a: Any, b: Any, xp: Any = np, used: Any = None
+) -> Any:
     """c, shape (order + 1,), over [f_n, H_0, ..., H_{k-1}]: the output of computed step n is f_n + sum c_l N_l.
 
     a, b: the coefficients of step n (x_{n+1} = a x_n + b out_n). Zero when nothing was predicted
-    since the last computed step. See the module docstring for the formula.
+    since the last computed step. See the module docstring for the formula. `used`: (P, order) the
+    prediction weights w^_j the pending steps used (default: the Lagrange ones; learned weights).
     """
     order = config.order
     ext_nodes = xp.concatenate([xp.reshape(xp.asarray(node, dtype=state.nodes.dtype), (1,)), state.nodes])
@@ -362,7 +384,10 @@ def correction_weights(config: ABConfig, state: RuleState, node: Any, a: Any, b:
     for p in range(state.pending_nodes.shape[0]):
         target = state.pending_nodes[p]
         w_tilde, _ = history_weights(ext_nodes, ext_valid, target, order + 1, config.weighting, xp)
-        w_hat, _ = history_weights(state.nodes, state.valid, target, order, config.weighting, xp)
+        if used is None:
+            w_hat, _ = history_weights(state.nodes, state.valid, target, order, config.weighting, xp)
+        else:
+            w_hat = xp.asarray(used[p], dtype=state.nodes.dtype)
         diff = w_tilde - xp.concatenate([xp.zeros((1,), dtype=w_hat.dtype), w_hat])
         total = total + xp.where(state.pending_valid[p], state.pending_scale[p], 0.0) * diff
     return total * (a / b)
