@@ -11,20 +11,21 @@ PSNR of the final sample against the full n-step sampler from the same noise, pe
 - searched: the mask of N computed steps found by simulated annealing + hill climbing on calibration seeds
   (BudCache's idea), run with our predictor and correction;
 - learned / learned+correction: the budget mask with least-squares linear prediction weights fitted on the full
-  calibration trajectory (L2P's idea), without and with our correction.
+  calibration trajectory (L2P's idea; abcore's opt-in `abcore.fit_weights`), without and with our correction.
 
 Flow models stack both CFG branches as one output (as benchmarks/rule_sweep.py). Model outputs are memoised per
 (step, exact state), so runs that share a prefix of the trajectory (all of them share step 0) call the model once.
 
     OMP_NUM_THREADS=1 python benchmarks/budget.py                       # everything (benchmarks/results/budget.json)
     python benchmarks/budget.py --report benchmarks/results/budget.md  # all tables + Pareto plots; prints the summary
-    python benchmarks/budget.py --selfcheck                            # the learned loop against abcore.sample
+    python benchmarks/budget.py --selfcheck                            # an independent loop against abcore's
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,11 +53,10 @@ MEMO_BYTES = 1_500_000_000  # per context; least recently used outputs are dropp
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over images of 10 log10(2^2 / MSE) on images clipped to [-1, 1] (as rule_sweep.psnr)."""
-    a, b = np.clip(a, -1, 1), np.clip(b, -1, 1)
-    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return float(np.mean(10.0 * np.log10(4.0 / mse)))
+    """`abcache_examples.metrics.psnr` of the images clipped to [-1, 1] (mean over images of 10 log10(4 / MSE))."""
+    from abcache_examples.metrics import psnr as mean_psnr
+
+    return mean_psnr(np.clip(a, -1, 1), np.clip(b, -1, 1), data_range=2.0)
 
 
 def budgets(n: int) -> list[int]:
@@ -68,18 +68,6 @@ def mask_of(indices: Any, n: int) -> tuple[bool, ...]:
     for i in indices:
         mask[int(i)] = True
     return tuple(mask)
-
-
-def even_mask(n: int, calls: int) -> tuple[bool, ...]:
-    return mask_of({round(k * n / calls) for k in range(calls)}, n)
-
-
-def budget_config(calls: int, **kwargs: Any) -> abcore.ABConfig | None:
-    """`ABConfig(calls=N, ...)`, or None where this abcore has no ``calls`` option."""
-    try:
-        return abcore.ABConfig(calls=calls, **kwargs)  # type: ignore[call-arg]
-    except TypeError:
-        return None
 
 
 def config_mask(config: abcore.ABConfig, steps: abcore.LinearSteps) -> tuple[bool, ...]:
@@ -192,13 +180,16 @@ class Context:
     def step_fn(self, x: np.ndarray, out: np.ndarray, t: float, t_next: float) -> np.ndarray:
         return self.model.step(self.model.index[t], x, out)
 
-    def run(self, config: abcore.ABConfig) -> tuple[float, np.ndarray]:
-        """(PSNR against the full sampler, computed mask) of `abcore.sample` with `config` and the LinearSteps."""
-        traj = abcore.sample(self.model_fn, self.x0, self.model.grid, self.step_fn, config, steps=self.model.steps)
+    def run(self, config: abcore.ABConfig, weights: Any = None) -> tuple[float, np.ndarray]:
+        """(PSNR against the full sampler, computed mask) of `abcore.sample` with `config` and the LinearSteps
+        (`weights`: learned prediction weights, `abcore.fit_weights`)."""
+        traj = abcore.sample(
+            self.model_fn, self.x0, self.model.grid, self.step_fn, config, steps=self.model.steps, weights=weights
+        )
         return psnr(traj.x, self.full_x), np.asarray(traj.computed)
 
 
-# ---------------------------------------------------------------------------------------------- the learned loop
+# ------------------------------------------------------------- an independent loop: the check of abcore's
 
 
 def lagrange_weights(t: np.ndarray, j: int, history: list[int]) -> np.ndarray:
@@ -247,20 +238,6 @@ def masked_loop(
             pending.append([i, out, float(b[i])])
         x = step(i, x, out)
     return x
-
-
-def fit_weights(outputs: np.ndarray, mask: tuple[bool, ...], order: int = ORDER) -> dict[int, np.ndarray]:
-    """Least-squares weights per predicted step j over the last `order` computed steps (newest first), fitted on
-    the full trajectory's outputs (n, ...): min ||f_j - sum_i w_i f_{m_i}||^2 (teacher forcing)."""
-    flat = outputs.reshape(outputs.shape[0], -1)
-    weights, hist = {}, []
-    for j, m in enumerate(mask):
-        if m:
-            hist = [j, *hist][:order]
-            continue
-        basis = flat[hist].T  # (pixels, k)
-        weights[j] = np.linalg.lstsq(basis, flat[j], rcond=None)[0]
-    return weights
 
 
 def check_learned_loop(trials: int = 20, seed: int = 0) -> float:
@@ -395,9 +372,6 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     rows: list[dict[str, Any]] = []
-    has_calls = budget_config(4, **BUDGET_VARIANTS[0][1]) is not None
-    if not has_calls and ("budget" in args.methods):
-        print("note: abcore.ABConfig has no `calls` option: the budget rows are skipped", flush=True)
 
     def emit(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -412,11 +386,11 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     for name in args.models:
         for n in args.steps:
-            run_one(name, n, args, emit, has_calls)
+            run_one(name, n, args, emit)
     return rows
 
 
-def run_one(name: str, n: int, args: argparse.Namespace, emit: Any, has_calls: bool) -> None:
+def run_one(name: str, n: int, args: argparse.Namespace, emit: Any) -> None:
     """Every method and budget on model `name` with n steps; `emit(row)` records each row."""
     start_mn = time.perf_counter()
     model = Model(name, n)
@@ -453,15 +427,10 @@ def run_one(name: str, n: int, args: argparse.Namespace, emit: Any, has_calls: b
             label = "adaptive" if most is None else f"adaptive, <= {most} in a row"
             evaluate(label, None, lambda ctx, c=config: ctx.run(c), tolerance=tol)
     for calls in budgets(n):
-        budget_mask = even_mask(n, calls)
-        if has_calls:
-            budget_mask = config_mask(budget_config(calls, **BUDGET_VARIANTS[0][1]), model.steps)
-        if "budget" in args.methods and has_calls:
+        budget_mask = config_mask(abcore.ABConfig(calls=calls, **BUDGET_VARIANTS[0][1]), model.steps)
+        if "budget" in args.methods:
             for label, kwargs in BUDGET_VARIANTS:
-                config = budget_config(calls, **kwargs)
-                if config is None:
-                    print(f"note: ABConfig(calls={calls}, **{kwargs}) raised TypeError: skipped", flush=True)
-                    continue
+                config = abcore.ABConfig(calls=calls, **kwargs)
                 evaluate(label, calls, lambda ctx, c=config: ctx.run(c), mask=True)
         if "searched" in args.methods:
             t0 = time.perf_counter()
@@ -482,20 +451,13 @@ def run_one(name: str, n: int, args: argparse.Namespace, emit: Any, has_calls: b
             config = mask_config(found)
             evaluate("searched", calls, lambda ctx, c=config: ctx.run(c), mask=True, calib_psnr=value)
         if "learned" in args.methods:
-            outputs = np.concatenate([c.full_outputs for c in calibs], axis=-4)  # stack the images
-            learned = fit_weights(outputs, budget_mask)
+            config = mask_config(budget_mask)  # abcore's opt-in, fitted on the calibration runs' full trajectories
+            learned = abcore.fit_weights(
+                abcore.schedule(config, model.grid[:-1], model.steps), np.stack([c.full_outputs for c in calibs])
+            )
             for label, correct in (("learned", False), ("learned+correction", True)):
-
-                def runner(
-                    ctx: Context, correct: bool = correct, mask: tuple[bool, ...] = budget_mask, w: dict = learned
-                ) -> tuple[float, np.ndarray]:
-                    steps = model.steps
-                    x = masked_loop(
-                        ctx.call, model.step, ctx.x0, model.grid, steps.a, steps.b, mask, lambda j, h: w[j], correct
-                    )
-                    return psnr(x, ctx.full_x), np.asarray(mask)
-
-                evaluate(label, calls, runner, mask=True)
+                config = dataclasses.replace(mask_config(budget_mask), correct=correct)
+                evaluate(label, calls, lambda ctx, c=config, w=learned: ctx.run(c, w), mask=True)
     calls_made = sum(c.calls for c in contexts + calibs)
     print(f"== {name} n {n}: {time.perf_counter() - start_mn:.1f}s, {calls_made} model calls", flush=True)
 
@@ -630,7 +592,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", default=str(RESULTS / "budget.json"))
     parser.add_argument("--report", metavar="FILE", help="write the markdown tables of --out to FILE (and plots)")
-    parser.add_argument("--selfcheck", action="store_true", help="check the learned loop against abcore.sample")
+    parser.add_argument(
+        "--selfcheck",
+        action="store_true",
+        help="check abcore.sample (and its learned weights) against an independent loop",
+    )
     args = parser.parse_args()
     if args.selfcheck:
         print(f"check_learned_loop: ok, worst relative difference {check_learned_loop():.2e}")

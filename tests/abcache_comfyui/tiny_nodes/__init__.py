@@ -4,27 +4,27 @@ import comfy_env
 import torch
 
 
-class TinyModel:
+class FamilyAndSeed:
+    """A node whose inputs are a model family and a seed."""
+
     CATEGORY = "testing"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"family": (["flux", "sd15"],), "seed": ("INT", {"default": 0, "min": 0})}}
+
+
+class TinyModel(FamilyAndSeed):
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
 
     def load(self, family, seed):
         return (comfy_env.counted(comfy_env.tiny_model(family, seed)),)
 
 
-class TinyConditioning:
-    CATEGORY = "testing"
+class TinyConditioning(FamilyAndSeed):
     FUNCTION = "make"
     RETURN_TYPES = ("CONDITIONING",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"family": (["flux", "sd15"],), "seed": ("INT", {"default": 0, "min": 0})}}
 
     def make(self, family, seed):
         return (comfy_env.conditioning(family, seed),)

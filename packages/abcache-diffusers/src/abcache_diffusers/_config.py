@@ -40,7 +40,7 @@ class ABCacheConfig:
             per denoising step of the call.
         calls (`int`, *optional*):
             A call budget instead of an interval: exactly `calls` denoising steps compute (of the call's steps),
-            placed by `abcore.budget_mask` (warm-up, tail, the rest evenly spaced); `warmup` and `cooldown` then
+            placed by the scheduler's sensitivity (a warm-up, a tail, the rest between; `abcore.ABConfig`); `warmup` and `cooldown` then
             default to the budget's own split. Needs the number of steps (a scheduler).
         speedup (`float`, *optional*):
             The budget as a speed-up: `calls = floor(num_inference_steps / speedup)` (at least 1).
